@@ -1,1 +1,19 @@
-"""megalong.lora"""
+"""LoRA+ via peft: adapters on attention projections, trainable embeddings and norms, merge, export."""
+
+from megalong.lora.plus import (
+    apply_lora_plus,
+    count_parameters,
+    export_peft_adapter,
+    lora_scale,
+    merge_lora,
+    merge_lora_weight,
+    modules_to_save_for,
+    to_peft_adapter_key,
+    trainable_module_names,
+    trainable_state_names,
+)
+
+__all__ = [
+    "apply_lora_plus", "count_parameters", "export_peft_adapter", "lora_scale", "merge_lora", "merge_lora_weight",
+    "modules_to_save_for", "to_peft_adapter_key", "trainable_module_names", "trainable_state_names",
+]

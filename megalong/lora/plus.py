@@ -1,0 +1,173 @@
+"""LoRA+ (LongLoRA): low-rank adapters on the attention projections, plus trainable
+embeddings and normalisation layers — without those, LoRA does not learn long context.
+
+    W x  ──────────────────────────────►(+)──► y        W frozen (d_out × d_in)
+    x ──► A (r × d_in) ──► B (d_out × r) ─┘ × α/r      A, B trained; B starts at 0
+    embed_tokens, *norm (and optionally lm_head): trained in full, in place
+
+Training marks the embed/norm parameters of the base model trainable directly (no
+``modules_to_save`` copies, so a 70B embedding is not duplicated). Exports restate them in
+peft's terms: the adapter directory lists them in ``modules_to_save`` so stock peft loads it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megalong.config.schema import ConfigError, LoraConfig
+from megalong.models.loading import unwrap_peft
+
+ADAPTER_NAME = "default"
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def trainable_module_names(model: nn.Module, parts: Iterable[str]) -> list[str]:
+    """Qualified names (in ``model``) of the modules trained in full: embed, norms, lm_head."""
+    base = unwrap_peft(model)
+    wanted: list[nn.Module] = []
+    parts = set(parts)
+    if "embed" in parts:
+        wanted.append(base.get_input_embeddings())
+    if "lm_head" in parts:
+        head = base.get_output_embeddings()
+        if head is not None:
+            wanted.append(head)
+    ids = {id(m) for m in wanted}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in ids or ("norm" in parts and _is_norm(module)):
+            names.append(name)
+    return names
+
+
+def apply_lora_plus(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap ``model`` with peft LoRA and make embeddings/norms trainable; returns the peft model.
+
+    With ``cfg.enabled`` false, every parameter is trained (full fine-tuning) and ``model`` is returned.
+    """
+    if not cfg.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.targets if t not in present]
+    if missing:
+        raise ConfigError(
+            f"lora.targets {missing} match no module of {type(model).__name__}; "
+            f"attention projections here are named {sorted(n for n in present if n.endswith('_proj'))}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+    )
+    pmodel = get_peft_model(model, peft_cfg, adapter_name=ADAPTER_NAME)
+    names = set(trainable_module_names(pmodel, cfg.trainable))
+    for name, module in pmodel.named_modules():
+        if name in names:
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
+    return pmodel
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; counts ZeRO-3 partitioned parameters by their full size."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_state_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+_LORA_KEY = re.compile(r"\.(lora_[AB]|lora_embedding_[AB])\." + ADAPTER_NAME + r"(\.weight)?$")
+
+
+def to_peft_adapter_key(name: str) -> str:
+    """Training name -> the key peft writes in adapter_model.safetensors (adapter name dropped)."""
+    return _LORA_KEY.sub(lambda m: "." + m.group(1) + (m.group(2) or ""), name)
+
+
+def modules_to_save_for(model: nn.Module, parts: Iterable[str]) -> list[str]:
+    """Short module names for peft's ``modules_to_save`` (matched by suffix of the module path)."""
+    names = trainable_module_names(model, parts)
+    base = unwrap_peft(model)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if "embed" in parts and head is not None and head.weight is embed.weight:
+        short = sorted(set(short) | {"lm_head"})  # tied: peft must replace both copies
+    return short
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    trainable_state: dict[str, torch.Tensor],
+    cfg: LoraConfig,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write a PEFT adapter directory that stock ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: the training model (peft-wrapped); used for structure only (may be on the meta device).
+        trainable_state: full tensors of the trainable parameters, keyed by their names in ``model``.
+        cfg: the LoRA config used for training.
+        out_dir: where adapter_config.json and adapter_model.safetensors go.
+        base_model_name_or_path: recorded in the adapter config.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    if not cfg.enabled:
+        raise ConfigError("lora.enabled is false (full fine-tune): there is no adapter to export; export a model")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = unwrap_peft(model)
+    modules_to_save = modules_to_save_for(model, cfg.trainable)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none",
+        modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path,
+    )
+    peft_cfg.save_pretrained(str(out_dir))
+    tensors = {to_peft_adapter_key(k): v.detach().to("cpu").contiguous().clone() for k, v in trainable_state.items()}
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if "lm_head" in modules_to_save and head is not None and head.weight is embed.weight:
+        embed_key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors[embed_key.replace("model.embed_tokens.weight", "lm_head.weight")] = tensors[embed_key].clone()
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain transformers model."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def lora_scale(cfg: LoraConfig) -> float:
+    return cfg.alpha / cfg.r
+
+
+def merge_lora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale · B @ A in fp32, returned in W's dtype (for streaming conversion shard by shard)."""
+    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    return merged.to(weight.dtype)

@@ -1,0 +1,43 @@
+"""Per-family notes: which HF decoders megalong has tested, and what differs between them.
+
+| family  | GQA | notes                                                                |
+|---------|-----|----------------------------------------------------------------------|
+| llama   | yes | Llama 2 (MHA, 4k) / Llama 3 (GQA, rope_theta 5e5, llama3 rope type) |
+| mistral | yes | sliding_window in config: S²-Attn groups must fit inside it          |
+| qwen2   | yes | q/k/v biases (LoRA targets unchanged); small sizes tie lm_head/embed |
+
+All three route attention through transformers' AttentionInterface, which is how S²-Attn is
+plugged in (megalong.attention). Other decoders that do the same usually work; they get a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from megalong.config.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+TESTED_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def check_family(hf_config: Any) -> None:
+    """Warn on untested families; reject configs S²-Attn cannot run on."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in TESTED_FAMILIES:
+        log.warning(
+            "model_type=%r is not among the tested families %s; it will work if its attention goes "
+            "through transformers' AttentionInterface", model_type, TESTED_FAMILIES,
+        )
+    heads = getattr(hf_config, "num_attention_heads", None)
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads is not None and kv is not None and heads % kv != 0:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+
+
+def sliding_window_of(hf_config: Any) -> int | None:
+    """Mistral-style sliding window, if the config enables one."""
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return getattr(hf_config, "sliding_window", None)

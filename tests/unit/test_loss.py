@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from megalong.engine.loss import ChunkedLMHead, chunked_cross_entropy, plain_cross_entropy
+
+
+def _inputs(B, N, d, V, dtype=torch.float32, ignore_frac=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, N), generator=g)
+    labels[torch.rand(B, N, generator=g) < ignore_frac] = -100
+    return h, w, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_plain_value_and_grads(chunk, bias):
+    h, w, labels = _inputs(2, 37, 16, 53)
+    b = torch.randn(53).requires_grad_() if bias else None
+    loss, count = chunked_cross_entropy(h, w, labels, bias=b, chunk_size=chunk)
+    g_h, g_w, *g_b = torch.autograd.grad(2.5 * loss, [h, w] + ([b] if bias else []))
+    logits = torch.nn.functional.linear(h, w, b)
+    ref, ref_count = plain_cross_entropy(logits, labels)
+    r_h, r_w, *r_b = torch.autograd.grad(2.5 * ref, [h, w] + ([b] if bias else []))
+    assert count.item() == ref_count.item() == int((labels != -100).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(g_b[0], r_b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_bf16_close_to_fp32_reference():
+    h, w, labels = _inputs(1, 64, 32, 97, ignore_frac=0.0)
+    loss, _ = chunked_cross_entropy(h.detach().bfloat16().requires_grad_(), w.detach().bfloat16(), labels, chunk_size=16)
+    ref, _ = plain_cross_entropy(torch.nn.functional.linear(h, w), labels)
+    torch.testing.assert_close(loss, ref.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grads():
+    h, w, labels = _inputs(1, 9, 8, 11)
+    labels[:] = -100
+    loss, count = chunked_cross_entropy(h, w, labels, chunk_size=4)
+    loss.backward()
+    assert count.item() == 0 and loss.item() == 0.0
+    assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+def test_frozen_weight_gets_no_grad_and_head_module_matches():
+    h, w, labels = _inputs(2, 10, 8, 13)
+    head = torch.nn.Linear(8, 13, bias=False)
+    head.weight.requires_grad_(False)
+    mod = ChunkedLMHead(head, chunk_size=3)
+    assert mod.weight is head.weight
+    loss, _ = mod(h, labels)
+    loss.backward()
+    ref, _ = plain_cross_entropy(head(h), labels)
+    torch.testing.assert_close(loss, ref)
+    assert head.weight.grad is None and h.grad is not None
+
+
+def test_shape_mismatch_is_an_error():
+    h, w, labels = _inputs(1, 5, 4, 7)
+    with pytest.raises(ValueError, match="labels have"):
+        chunked_cross_entropy(h, w, labels[:, :4])

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megalong.config.schema import ConfigError, RopeConfig
+from megalong.models import apply_rope_scaling, create_model, plan_rope_scaling, save_hf_model
+from tests.conftest import tiny_config
+
+
+def _inv_freq(model):
+    return model.model.rotary_emb.inv_freq.clone()
+
+
+def test_linear_factor_is_exact_ratio_and_recorded():
+    cfg = tiny_config("llama", max_position_embeddings=96)
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear"), target_length=1000)
+    assert s.factor == 1000 / 96 and s.original_length == 96 and s.target_length == 1000
+    apply_rope_scaling(cfg, s)
+    assert cfg.rope_parameters["factor"] == 1000 / 96
+    assert cfg.max_position_embeddings == 1000 and cfg.megalong_rope["factor"] == 1000 / 96
+
+
+def test_linear_interpolation_divides_positions():
+    base = create_model(tiny_config("llama"), seed=0)
+    cfg = tiny_config("llama")
+    apply_rope_scaling(cfg, plan_rope_scaling(cfg, RopeConfig(type="linear"), 512))
+    scaled = create_model(cfg, seed=0)
+    torch.testing.assert_close(_inv_freq(scaled), _inv_freq(base) / 4.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
+def test_saved_config_round_trips_through_stock_transformers(tmp_path, family, rope_type):
+    cfg = tiny_config(family, rope_theta=50000.0) if family != "llama" else tiny_config(family)
+    s = plan_rope_scaling(cfg, RopeConfig(type=rope_type), 512)
+    apply_rope_scaling(cfg, s)
+    model = create_model(cfg, seed=1)
+    save_hf_model(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_scaling"]["rope_type"] == rope_type and raw["rope_scaling"]["factor"] == 4.0
+    assert raw["rope_theta"] == s.theta
+    expect_mpe = 128 if rope_type == "dynamic" else 512
+    assert raw["max_position_embeddings"] == expect_mpe
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.config.rope_parameters["rope_type"] == rope_type
+    assert loaded.config.rope_parameters["rope_theta"] == s.theta
+    torch.testing.assert_close(_inv_freq(loaded), _inv_freq(model))
+    x = torch.randint(0, 96, (1, 40))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_old_style_config_with_only_rope_scaling_loads(tmp_path):
+    """A config.json as transformers 4.x readers write it (rope_scaling + rope_theta) still loads right."""
+    cfg = tiny_config("qwen2", rope_theta=1e6)
+    apply_rope_scaling(cfg, plan_rope_scaling(cfg, RopeConfig(type="linear"), 256))
+    save_hf_model(create_model(cfg), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    back = AutoConfig.from_pretrained(tmp_path, local_files_only=True)
+    assert back.rope_parameters["factor"] == 2.0 and back.rope_parameters["rope_theta"] == 1e6
+
+
+def test_linear_on_linear_composes_and_mismatch_is_rejected():
+    cfg = tiny_config("llama", max_position_embeddings=256, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear"), 1024)
+    assert s.factor == 8.0 and s.original_length == 128
+    with pytest.raises(ConfigError, match="already uses rope_type"):
+        plan_rope_scaling(cfg, RopeConfig(type="yarn"), 1024)
+
+
+def test_none_and_shrinking_targets():
+    cfg = tiny_config("llama")
+    assert plan_rope_scaling(cfg, RopeConfig(type="none"), 1024) is None
+    with pytest.raises(ConfigError, match="shorter than the base context"):
+        plan_rope_scaling(cfg, RopeConfig(type="linear"), 64)
