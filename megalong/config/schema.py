@@ -157,7 +157,7 @@ class ParallelConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 3
-    """ZeRO stage: 2 (optimizer states + gradients partitioned) or 3 (parameters too)."""
+    """ZeRO stage: 1 (optimizer states partitioned), 2 (+ gradients) or 3 (+ parameters)."""
     offload_optimizer: bool = False
     """Keep optimizer states (and the Adam step) on the CPU."""
     offload_param: bool = False
@@ -166,7 +166,7 @@ class ZeroConfig:
     """DeepSpeed JSON template under ds_configs/ (or a path); default picked from stage and offload."""
 
     def __post_init__(self) -> None:
-        _one_of("zero.stage", self.stage, (0, 1, 2, 3))
+        _one_of("zero.stage", self.stage, (1, 2, 3))
         _check(
             not self.offload_param or self.stage == 3,
             "zero.offload_param needs zero.stage=3 (ZeRO-2 keeps full parameters on every rank); "

@@ -62,7 +62,7 @@ def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> R
     if rope.type == "none":
         return None
     base_type = base.get("rope_type", "default")
-    current = int(rope.original_length or getattr(hf_config, "max_position_embeddings"))
+    current = int(rope.original_length or hf_config.max_position_embeddings)
     prior = 1.0
     if base_type != "default":
         if base_type != rope.type or rope.type != "linear":

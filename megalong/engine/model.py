@@ -1,0 +1,45 @@
+"""The module DeepSpeed trains: HF decoder (+ LoRA+) and the chunked loss head.
+
+    batch ──► decoder(input_ids, position_ids, segment_ids) ──► hidden (B, N, d)
+          └──────────────────────── labels ─────────────────────┐
+                                     ChunkedLMHead(hidden, labels) ──► (loss_sum, valid_tokens)
+
+The HF model keeps its own ``lm_head`` for evaluation and generation; ``ChunkedLMHead`` shares
+the same Parameter objects, so there is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megalong.engine.loss import ChunkedLMHead
+from megalong.models.loading import decoder_of, lm_head_of
+
+
+class TrainModule(nn.Module):
+    """``forward(**batch) -> (loss_sum, valid_token_count)``; never builds full logits."""
+
+    def __init__(self, model: nn.Module, loss_chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_head = ChunkedLMHead(lm_head_of(model), chunk_size=loss_chunk_size)
+        self.pass_segment_ids = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {}
+        if segment_ids is not None and self.pass_segment_ids:
+            kwargs["segment_ids"] = segment_ids
+        out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        return self.loss_head(out.last_hidden_state, labels)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits (for small probes and tests only)."""
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits

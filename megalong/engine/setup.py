@@ -1,0 +1,233 @@
+"""Building blocks of ``Trainer.setup``: tokenizer, data, base model, the LongLoRA model.
+
+Each is a plain function of the config so the dry run, the tools and the tests reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megalong.config.deepspeed import BatchArithmetic
+from megalong.config.schema import Config, ConfigError
+from megalong.lora import apply_lora_plus, count_parameters
+from megalong.models import (
+    DTYPES,
+    RopeScaling,
+    apply_rope_scaling,
+    build_hf_config,
+    create_model,
+    plan_rope_scaling,
+    save_hf_model,
+    unwrap_peft,
+)
+from megalong.models.families import sliding_window_of
+
+log = logging.getLogger("megalong")
+
+
+# ---------------------------------------------------------------- tokenizer
+def tokenizer_spec(cfg: Config, base_dir: Path | None = None) -> str:
+    spec = cfg.model.tokenizer or cfg.model.name_or_path or (str(base_dir) if base_dir else None)
+    if spec is None:
+        raise ConfigError("model.init_config builds a new model: set model.tokenizer (an HF dir or a .model file)")
+    return spec
+
+
+def load_run_tokenizer(cfg: Config):
+    from megalong.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_spec(cfg))
+
+
+def eod_id(cfg: Config, tokenizer) -> int:
+    eid = cfg.data.eod_token_id if cfg.data.eod_token_id is not None else tokenizer.eos_id
+    if eid is None or eid < 0:
+        raise ConfigError(f"tokenizer {tokenizer.name} has no EOS token: set data.eod_token_id")
+    return int(eid)
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataBundle:
+    """Training and validation datasets plus the resumable loader for this rank."""
+
+    cfg: Config
+    batch: BatchArithmetic
+    dp_rank: int
+    train: Any
+    valid: Any | None
+
+    @property
+    def has_valid(self) -> bool:
+        return self.valid is not None
+
+    def train_loader(self, consumed_samples: int) -> Iterator[dict]:
+        from megalong.data.loader import ResumableLoader
+
+        return iter(
+            ResumableLoader(
+                self.train, self.batch.micro_batch, self.dp_rank, self.batch.dp,
+                consumed_samples=consumed_samples, num_workers=self.cfg.data.num_workers,
+            )
+        )
+
+    def valid_batches(self) -> Iterator[dict]:
+        from megalong.data.loader import ResumableLoader
+
+        it = iter(ResumableLoader(self.valid, self.batch.micro_batch, self.dp_rank, self.batch.dp, consumed_samples=0))
+        for _ in range(self.cfg.train.eval_batches):
+            yield next(it)
+
+    def probe_batch(self) -> dict:
+        from megalong.data.samples import collate
+
+        return collate([self.train[0]])
+
+
+def validate_data_files(cfg: Config, tokenizer, vocab_size: int) -> None:
+    """Every data file opens cleanly and was written with a tokenizer that fits this model."""
+    from megalong.data.indexed import IndexedDataset, check_tokenizer_matches
+
+    for prefix in list(cfg.data.prefixes) + list(cfg.data.valid_prefixes):
+        IndexedDataset(prefix)  # validates header, counts and .bin size
+        check_tokenizer_matches(prefix, vocab_size, tokenizer.fingerprint)
+
+
+def build_data(cfg: Config, tokenizer, batch: BatchArithmetic, dims, barrier: Callable[[], None],
+               vocab_size: int | None = None) -> DataBundle:
+    """Open and check the data, then build sample indices on rank 0 first (cached), the others after."""
+    from megalong.data import build_dataset
+
+    if not cfg.data.prefixes:
+        raise ConfigError("data.prefixes is empty: preprocess a corpus with tools/preprocess_data.py and list it")
+    validate_data_files(cfg, tokenizer, vocab_size or tokenizer.vocab_size)
+    eod = eod_id(cfg, tokenizer)
+    n_train = max(1, cfg.train.max_steps) * batch.train_batch
+    n_valid = cfg.train.eval_batches * batch.micro_batch * batch.dp
+    datasets: dict[str, Any] = {}
+    for turn in (0, 1):  # rank 0 builds the cached indices, everyone else then loads them
+        if (dims.rank == 0) == (turn == 0):
+            datasets["train"] = build_dataset(cfg.data, n_train, eod, split="train")
+            datasets["valid"] = (
+                build_dataset(cfg.data, n_valid, eod, split="valid") if cfg.data.valid_prefixes else None
+            )
+        barrier()
+    return DataBundle(cfg, batch, dims.dp_rank, datasets["train"], datasets["valid"])
+
+
+# ---------------------------------------------------------------- models
+def materialize_base_model(cfg: Config, run_dir: Path, tokenizer, is_main: bool,
+                           barrier: Callable[[], None]) -> Path:
+    """The base model's HF directory. A recipe that builds its base from a config gets it written
+    once into RUN_DIR/base_model (weights from train.seed, plus the tokenizer), so conversion,
+    evaluation and adapter export always have a real base directory."""
+    if cfg.model.name_or_path is not None:
+        return Path(cfg.model.name_or_path)
+    base_dir = run_dir / "base_model"
+    if is_main and not (base_dir / "config.json").is_file():
+        from megalong.data.tokenizer import save_hf_tokenizer
+
+        hf_cfg = build_hf_config(cfg.model)
+        if hf_cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.init_config vocab_size={hf_cfg.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} ({tokenizer.name}); set vocab_size >= {tokenizer.vocab_size}"
+            )
+        if tokenizer.eos_id is not None:
+            hf_cfg.eos_token_id = tokenizer.eos_id
+        if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
+            hf_cfg.bos_token_id = tokenizer.bos_id
+        model = create_model(hf_cfg, dtype=torch.float32, seed=cfg.train.seed)
+        tmp = base_dir.with_name(".base_model.tmp")
+        save_hf_model(model, tmp)
+        save_hf_tokenizer(tokenizer_spec(cfg), tmp)
+        tmp.rename(base_dir)
+        log.info("built the base model from model.init_config into %s", base_dir)
+    barrier()
+    return base_dir
+
+
+def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
+    """Switch the model to the training (S²-Attn or full) or evaluation attention."""
+    from megalong.attention import use_full_attention, use_s2_attention
+
+    kind = cfg.attention.train if mode == "train" else cfg.attention.eval
+    if kind == "s2":
+        use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend)
+    else:
+        use_full_attention(model, backend=cfg.attention.backend)
+
+
+def _check_sliding_window(cfg: Config, hf_config: Any) -> None:
+    window = sliding_window_of(hf_config)
+    if window is not None and cfg.attention.train == "s2" and cfg.group_size > window:
+        log.warning(
+            "%s has sliding_window=%d < S²-Attn group size %d: megalong's attention ignores the window during "
+            "training; set attention.group_size <= %d to stay inside it", hf_config.model_type, window,
+            cfg.group_size, window,
+        )
+
+
+def base_hf_config(cfg: Config, base_dir: Path) -> tuple[Any, RopeScaling | None]:
+    """The base model's config with the run's RoPE scaling applied."""
+    hf_cfg = build_hf_config(replace(cfg.model, name_or_path=str(base_dir), init_config=None)
+                             if cfg.model.init_config is not None else cfg.model)
+    scaling = plan_rope_scaling(hf_cfg, cfg.rope, cfg.rope_target_length)
+    apply_rope_scaling(hf_cfg, scaling)
+    return hf_cfg, scaling
+
+
+def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=None) -> tuple[nn.Module, Any]:
+    """Base model (under zero.Init with ZeRO-3) + RoPE scaling + attention + LoRA+ + activation ckpt."""
+    hf_cfg, scaling = base_hf_config(cfg, base_dir)
+    _check_sliding_window(cfg, hf_cfg)
+    if tokenizer is not None and hf_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"base model {base_dir} has vocab_size={hf_cfg.vocab_size} < tokenizer {tokenizer.name} "
+            f"({tokenizer.vocab_size}): the tokenizer does not belong to this model; set model.tokenizer"
+        )
+    hf_ds = None
+    if cfg.zero.stage == 3 and cfg.model.zero_init is not False:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # from_pretrained sees ZeRO-3 and loads under zero.Init
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(hf_cfg, path=str(base_dir), dtype=DTYPES[cfg.train.dtype],
+                         trust_remote_code=cfg.model.trust_remote_code)
+    model._megalong_hf_ds_config = hf_ds  # keep transformers' ZeRO-3 switch alive with the model
+    torch.manual_seed(cfg.train.seed + 1)
+    model = apply_lora_plus(model, cfg.lora)
+    set_attention(cfg, model, "train")
+    enable_activation_checkpointing(cfg, model, ds_config, dims)
+    model.train()
+    return model, scaling
+
+
+def enable_activation_checkpointing(cfg: Config, model: nn.Module, ds_config: dict, dims) -> None:
+    mode = cfg.train.activation_checkpointing
+    if mode == "none":
+        return
+    base = unwrap_peft(model)
+    embed = base.get_input_embeddings()
+    if not any(p.requires_grad for p in embed.parameters()):
+        base.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+    if mode == "hf":
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
+    import deepspeed
+
+    from megalong.parallel.dims import DeepSpeedMPU
+
+    deepspeed.checkpointing.configure(DeepSpeedMPU(dims), deepspeed_config=ds_config)
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    return count_parameters(model)

@@ -1,0 +1,376 @@
+"""The training loop: setup / train / train_step / evaluate / save / load.
+
+    setup():  process groups ─► run dir (config.yaml, ds_config.json) ─► tokenizer + data checks
+              ─► base model (built once from a config, or a local HF dir) ─► RoPE scaling
+              ─► S²-Attn ─► LoRA+ ─► activation checkpointing ─► deepspeed.initialize ─► resume
+    train():  train_step() until max_steps; metrics.jsonl every step; checkpoints on interval,
+              at the end, and on SIGTERM/SIGINT (finish the step, save, exit 0)
+
+Loss normalisation: a step's loss is Σ token losses / (valid tokens of the whole step, over
+grad-accumulation micro-batches and all ranks). DeepSpeed divides by grad_accum and averages
+over data-parallel ranks, so each micro-batch backpropagates ``local_sum · GA · dp / global_count``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megalong.config.deepspeed import batch_arithmetic, render_deepspeed_config, write_deepspeed_config
+from megalong.config.loader import config_to_dict, save_config
+from megalong.config.schema import Config, ConfigError
+from megalong.engine import checkpoint as ckpt
+from megalong.engine import setup as build
+from megalong.engine.schedule import lr_multiplier
+from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
+from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, train_flops_per_token
+
+log = logging.getLogger("megalong")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised (with policy ``stop``) when a step's loss or gradients are NaN/inf."""
+
+
+class Trainer:
+    """Owns the DeepSpeed engine, the data loaders and the run directory of one training run."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.consumed_samples = 0
+        self.engine = None
+        self._stop_signal: int | None = None
+        self._last_saved_step = -1
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        init_distributed(cfg.parallel.init_timeout_s)
+        self.dims = ParallelDims.from_env(cfg.parallel.sp).build()
+        if self.dims.sp > 1:
+            raise ConfigError(
+                f"parallel.sp={self.dims.sp}: sequence-parallel training is not implemented yet; use parallel.sp=1"
+            )
+        self.rank, self.is_main = self.dims.rank, self.dims.rank == 0
+        self.batch = batch_arithmetic(cfg, self.dims.dp)
+        from deepspeed.accelerator import get_accelerator
+
+        self.accelerator = get_accelerator().device_name()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.ds_config = render_deepspeed_config(cfg, self.dims.dp, self.accelerator)
+        self.resume_tag = ckpt.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
+        self._prepare_run_dir()
+        self.tokenizer = build.load_run_tokenizer(cfg)
+        self.base_dir = build.materialize_base_model(cfg, self.run_dir, self.tokenizer, self.is_main, self._barrier)
+        vocab = build.base_hf_config(cfg, self.base_dir)[0].vocab_size
+        self.data = build.build_data(cfg, self.tokenizer, self.batch, self.dims, self._barrier, vocab)
+        self.model, self.rope = build.build_model(cfg, self.base_dir, self.ds_config, self.dims, self.tokenizer)
+        self._build_engine()
+        if self.resume_tag is not None:
+            self.load(self.resume_tag)
+        self.loader = self.data.train_loader(self.consumed_samples)
+        return self
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _prepare_run_dir(self) -> None:
+        cfg = self.cfg
+        if self.is_main:
+            has_ckpt = bool(ckpt.complete_tags(self.ckpt_dir))
+            if has_ckpt and self.resume_tag is None:
+                raise ConfigError(
+                    f"{self.run_dir} already holds checkpoints and checkpoint.resume={cfg.checkpoint.resume!r}; "
+                    "continue it with --checkpoint.resume=auto or choose a new --train.run_dir"
+                )
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            write_deepspeed_config(self.ds_config, self.run_dir / "ds_config.json")
+        self._barrier()
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from megalong.engine.model import TrainModule
+
+        module = TrainModule(self.model, self.cfg.train.loss_chunk_size)
+        module.pass_segment_ids = self.cfg.data.doc_mask
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("nothing to train: no parameter requires grad (check lora.targets / lora.trainable)")
+        mult = lr_multiplier(self.cfg.train)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            model_parameters=params,
+            config=self.ds_config,
+            mpu=DeepSpeedMPU(self.dims),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, mult),
+        )
+        self.n_params = build.count_params(self.model)
+        self._flops_per_token = train_flops_per_token(
+            self.n_params[1], self.model.config.num_hidden_layers, self.model.config.hidden_size,
+            self.cfg.data.max_seq_len, self._attn_span(),
+        )
+
+    def _attn_span(self) -> float:
+        n = self.cfg.data.max_seq_len
+        return self.cfg.group_size / 2 if self.cfg.attention.train == "s2" else n / 2
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        """Train until ``train.max_steps``; returns the last step's metrics."""
+        cfg = self.cfg
+        metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.is_main)
+        bar = self._progress_bar()
+        last: dict = {}
+        old_handlers = self._install_signal_handlers()
+        try:
+            while self.step < cfg.train.max_steps:
+                last = self.train_step()
+                self.step += 1
+                self.consumed_samples += self.batch.train_batch
+                last.update(step=self.step, consumed_samples=self.consumed_samples)
+                self._after_step(last, metrics, bar)
+                if last.pop("stop_signal"):
+                    log.warning("signal %s received: saving at step %d and exiting", self._stop_signal, self.step)
+                    self.save()
+                    break
+            if self.step >= cfg.train.max_steps and cfg.checkpoint.save_at_end and self._last_saved_step != self.step:
+                self.save()
+        finally:
+            self._restore_signal_handlers(old_handlers)
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        return last
+
+    def _after_step(self, rec: dict, metrics: MetricsWriter, bar) -> None:
+        cfg = self.cfg
+        evaluated = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.data.has_valid
+        if evaluated:
+            rec.update(self.evaluate())
+        if evaluated or self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.max_steps:
+            metrics.write({k: v for k, v in rec.items() if k != "stop_signal"})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+            self.save()
+
+    def _progress_bar(self):
+        if not (self.is_main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        t0 = time.perf_counter()
+        engine, ga = self.engine, self.batch.grad_accum
+        micro = [self._to_device(next(self.loader)) for _ in range(ga)]
+        local_valid = sum(int((b["labels"] != -100).sum()) for b in micro)
+        global_valid = int(self._all_reduce([float(local_valid)])[0])
+        scale = ga * self.dims.dp / max(1, global_valid)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for b in micro:
+            local_loss, _ = engine(**b)
+            engine.backward(local_loss * scale)
+            engine.step()
+            loss_sum += local_loss.detach().double().cpu()
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        total, nonfinite, stop_any = self._all_reduce(
+            [float(loss_sum), 0.0 if math.isfinite(float(loss_sum)) else 1.0, stop]
+        )
+        loss = total / max(1, global_valid)
+        applied = engine.was_step_applied()
+        if nonfinite or not applied or not math.isfinite(loss):
+            self._on_nonfinite(loss, applied)
+        dt = time.perf_counter() - t0
+        tokens = self.batch.train_batch * self.cfg.data.max_seq_len
+        peak = device_peak_tflops()
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "loss": loss,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm),
+            "tokens": tokens,
+            "valid_tokens": global_valid,
+            "step_time_s": dt,
+            "tokens_per_s": tokens / dt,
+            "mfu": (self._flops_per_token * tokens / dt / (peak * 1e12 * self.dims.world)) if peak else None,
+            "mem_gb": round(peak_memory_gb(), 3),
+            "skipped": not applied,
+            "stop_signal": bool(stop_any),
+        }
+
+    def _on_nonfinite(self, loss: float, applied: bool) -> None:
+        first = self.consumed_samples
+        msg = (
+            f"non-finite loss/gradients at step {self.step + 1} (loss={loss}, optimizer step "
+            f"{'applied' if applied else 'skipped by DeepSpeed'}; samples {first}..{first + self.batch.train_batch - 1})"
+        )
+        if self.cfg.train.nan_policy == "skip":
+            log.warning("%s: step skipped (train.nan_policy=skip)", msg)
+            return
+        raise NonFiniteLossError(
+            f"{msg}. Nothing was saved after the last checkpoint, which is intact. Lower train.lr, check the data "
+            "around those samples (tools/inspect_data.py), use train.dtype=fp32 to rule out overflow, or set "
+            "train.nan_policy=skip to skip such steps"
+        )
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.is_initialized() and self.dims.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in _MODEL_KEYS}
+        if not self.cfg.data.doc_mask:
+            out.pop("segment_ids", None)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss / perplexity with the evaluation attention (full by default)."""
+        module = self.engine.module
+        module.eval()
+        build.set_attention(self.cfg, self.model, mode="eval")
+        loss = count = 0.0
+        try:
+            for b in self.data.valid_batches():
+                s, c = self.engine(**self._to_device(b))
+                loss += float(s)
+                count += float(c)
+        finally:
+            build.set_attention(self.cfg, self.model, mode="train")
+            module.train()
+        loss, count = self._all_reduce([loss, count])
+        val = loss / max(1.0, count)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": int(count)}
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss of a fixed batch (the first training sample on every rank): proves a resume continued the run."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            s, c = self.engine(**self._to_device(self.data.probe_batch()))
+        finally:
+            module.train(was_training)
+        return float(s) / max(1, int(c))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "base_model": str(self.base_dir),
+            "rope": self.rope.to_dict() if self.rope else None,
+            "group_size": c.group_size,
+            "attention_train": c.attention.train,
+            "lora": config_to_dict(c)["lora"],
+            "data_prefixes": list(c.data.prefixes),
+            "data_weights": c.data.weights,
+            "max_seq_len": c.data.max_seq_len,
+            "data_seed": c.data.seed,
+            "train_batch": self.batch.train_batch,
+        }
+
+    def save(self) -> str:
+        """Save a complete checkpoint of the current step (all ranks)."""
+        tag = ckpt.tag_for_step(self.step)
+        probe = self.probe_loss()
+        client = {"step": self.step, "consumed_samples": self.consumed_samples}
+        self.engine.save_checkpoint(
+            str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False,
+            exclude_frozen_parameters=self.cfg.lora.enabled,
+        )
+        ckpt.save_rng(self.ckpt_dir / tag, self.rank)
+        self._barrier()
+        if self.is_main:
+            meta = {
+                "step": self.step, "consumed_samples": self.consumed_samples, "probe_loss": probe,
+                "world_size": self.dims.world, "dp": self.dims.dp, "sp": self.dims.sp,
+                "zero_stage": self.cfg.zero.stage, "dtype": self.cfg.train.dtype,
+                "base_model_dir": str(self.base_dir), "code_version": ckpt.code_version(),
+                "fingerprint": self._fingerprint(), "config": config_to_dict(self.cfg),
+            }
+            ckpt.mark_complete(self.ckpt_dir, tag, meta)
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        self._barrier()
+        self._last_saved_step = self.step
+        log.info("saved checkpoint %s", self.ckpt_dir / tag)
+        return tag
+
+    def load(self, tag: str) -> None:
+        """Resume from a complete checkpoint: weights, optimizer, scheduler, step, data position, RNG."""
+        meta = ckpt.read_meta(self.ckpt_dir, tag)
+        ckpt.check_compatible(meta, self._fingerprint())
+        if meta.get("dp") not in (None, self.dims.dp):
+            raise ckpt.CheckpointError(
+                f"checkpoint {tag} was written with {meta['dp']} data-parallel ranks, this run has {self.dims.dp}; "
+                "ZeRO partitions follow the rank count: resume with the same number of ranks"
+            )
+        path, client = self.engine.load_checkpoint(
+            str(self.ckpt_dir), tag=tag, load_module_strict=not self.cfg.lora.enabled,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
+        self.step, self.consumed_samples = int(client["step"]), int(client["consumed_samples"])
+        self._last_saved_step = self.step
+        self._verify_probe(meta)
+        if not ckpt.load_rng(self.ckpt_dir / tag, self.rank):
+            log.warning("no RNG state for rank %d in %s: dropout/LoRA randomness will differ", self.rank, tag)
+        log.info("resumed from %s at step %d (%d samples consumed)", tag, self.step, self.consumed_samples)
+
+    def _verify_probe(self, meta: dict) -> None:
+        saved = meta.get("probe_loss")
+        if saved is None:
+            return
+        now = self.probe_loss()
+        tol = 1e-4 if self.cfg.train.dtype == "fp32" else 2e-2
+        if not math.isclose(now, saved, rel_tol=tol, abs_tol=tol):
+            raise ckpt.CheckpointError(
+                f"after loading {meta.get('tag')}, the probe batch's loss is {now:.6f} but was {saved:.6f} at save: "
+                "the restored weights are not the saved ones (mismatched base model or a damaged checkpoint)"
+            )
+        log.info("probe loss after resume %.6f matches the saved %.6f", now, saved)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    def _restore_signal_handlers(self, old: dict) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        return self._stop_signal is not None
+
+
+_MODEL_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")

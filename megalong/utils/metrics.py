@@ -1,0 +1,86 @@
+"""Metrics: one JSON object per optimizer step in RUN_DIR/metrics.jsonl (+ TensorBoard if asked),
+throughput, model FLOPs utilisation and peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device, for MFU. Unknown devices (and CPUs) report mfu = null.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tf in PEAK_TFLOPS.items():
+        if key in name:
+            return tf
+    return None
+
+
+def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, attn_span: float) -> float:
+    """Model FLOPs per trained token: 6·P for the matmuls plus attention scores and values.
+
+    ``attn_span``: mean number of keys a query sees (N/2 for causal full attention, G/2 for S²-Attn).
+    Forward attention is 2 matmuls × 2 FLOPs × hidden × span per layer; backward doubles it twice over.
+    """
+    return 6.0 * n_params + 3.0 * n_layers * 4.0 * hidden * attn_span
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory if there is one, else peak resident host memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class MetricsWriter:
+    """Appends step records to metrics.jsonl (flushed each time, so a killed run keeps them)."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = open(self.path, "a") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(
+                    "logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                    "(or set logging.tensorboard=false)"
+                ) from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Perplexity of an HF model on a megalong/Megatron dataset at a context length (full attention).
+
+    python tools/eval_ppl.py --model out/x-hf --data runs/q/data/valid --seq-len 1024 --protocol longlora
+
+Prints one JSON line: ppl, loss, tokens, windows, documents, protocol, seq_len, model, data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--data", required=True, help="dataset prefix (PREFIX.bin / PREFIX.idx)")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--protocol", choices=["longlora", "standard"], default="longlora")
+    p.add_argument("--stride", type=int, default=256, help="longlora: window start every STRIDE tokens")
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first K documents")
+    p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--attention", choices=["full", "s2"], default="full")
+    p.add_argument("--group-size", type=int, default=None)
+    args = p.parse_args(argv)
+
+    from megalong.config import ConfigError
+    from megalong.data.indexed import DataFileError, IndexedDataset
+    from megalong.eval import evaluate_perplexity, load_eval_model
+    from megalong.eval.loading import check_data_fits_model
+
+    try:
+        model, device = load_eval_model(args.model, dtype=args.dtype, device=args.device,
+                                        attention=args.attention, group_size=args.group_size)
+        check_data_fits_model(args.data, model.config.vocab_size)
+        ds = IndexedDataset(args.data)
+        n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
+        res = evaluate_perplexity(model, (ds[i] for i in range(n)), args.seq_len, args.protocol,
+                                  stride=args.stride, batch_size=args.batch_size, max_windows=args.max_windows,
+                                  device=device)
+    except (ConfigError, DataFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({**res.to_dict(), "model": args.model, "data": args.data, "attention": args.attention}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

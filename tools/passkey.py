@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Passkey retrieval accuracy per length and depth (LongLoRA's protocol), JSON + heat-map PNG.
+
+    python tools/passkey.py --model out/x-hf --lengths 512 1024 --trials 10 --out runs/q/passkey
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF model directory (with tokenizer files)")
+    p.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
+    p.add_argument("--trials", type=int, default=10, help="trials per length (per depth with --depths)")
+    p.add_argument("--depths", type=float, nargs="*", default=None,
+                   help="fixed key depths in [0,1] for a heat-map (default: uniform random)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.png")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from megalong.config import ConfigError
+    from megalong.eval import load_eval_model, run_passkey
+    from megalong.eval.passkey import plot_heatmap
+
+    try:
+        model, device = load_eval_model(args.model, dtype=args.dtype, device=args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    report = run_passkey(
+        model, lambda s: tok.encode(s, add_special_tokens=False), lambda ids: tok.decode(ids),
+        args.lengths, trials=args.trials, depths=args.depths, seed=args.seed, device=device,
+    )
+    summary = {"model": args.model, **report.to_dict()}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+        plot_heatmap(report, str(out.with_suffix(".png")))
+    print(json.dumps({"model": args.model, "accuracy_by_length": summary["accuracy_by_length"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
