@@ -38,3 +38,11 @@ def _clean_dev_shm():
             os.remove(path)
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tokenizer + train/valid datasets built from the standard library (shared by the session)."""
+    from tests.assets import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("assets"))

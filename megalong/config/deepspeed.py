@@ -95,6 +95,9 @@ def render_deepspeed_config(cfg: Config, dp: int, accelerator: str = "cuda") -> 
         },
     }
 
+    if on_cpu and (cfg.zero.offload_optimizer or cfg.zero.offload_param):
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the host instead of the JIT-built CPUAdam
+
     zo = ds.setdefault("zero_optimization", {})
     zo["stage"] = cfg.zero.stage
     pin = not on_cpu

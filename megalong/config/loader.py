@@ -50,6 +50,29 @@ def _type_matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+def _coerce_number(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``2e-5`` as a string and ``3`` as an int: make them floats where a float is expected."""
+    if _type_matches(value, tp):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and _type_matches(float(value), tp):
+        return float(value)
+    if isinstance(value, str) and _type_matches(1.0, tp):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        item = typing.get_args(tp)
+        for a in item:
+            if typing.get_origin(a) is list or a is list:
+                inner = (typing.get_args(a) or (Any,))[0]
+                return [_coerce_number(v, inner) for v in value]
+        if typing.get_origin(tp) is list:
+            inner = (typing.get_args(tp) or (Any,))[0]
+            return [_coerce_number(v, inner) for v in value]
+    return value
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
@@ -66,9 +89,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
         if _is_dataclass_type(tp):
             kwargs[key] = _build(tp, value or {}, dotted)
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and _type_matches(float(value), tp) \
-                and not _type_matches(value, tp):
-            value = float(value)
+        value = _coerce_number(value, tp)
         if not _type_matches(value, tp):
             raise ConfigError(f"config key '{dotted}' = {value!r} has the wrong type; expected {tp}")
         kwargs[key] = value

@@ -95,7 +95,7 @@ def trained_tensors(rc: RunCheckpoint) -> dict[str, torch.Tensor]:
     for name, t in sd.items():
         if name.startswith("loss_head."):
             continue  # shares lm_head's parameter
-        out[_hf_name(name)] = t.contiguous().float() if hasattr(t, "contiguous") else t
+        out[_hf_name(name)] = t.contiguous().detach().float()
     return out
 
 

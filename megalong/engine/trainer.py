@@ -333,10 +333,21 @@ class Trainer:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
         self.step, self.consumed_samples = int(client["step"]), int(client["consumed_samples"])
         self._last_saved_step = self.step
+        self._apply_config_lr()
         self._verify_probe(meta)
         if not ckpt.load_rng(self.ckpt_dir / tag, self.rank):
             log.warning("no RNG state for rank %d in %s: dropout/LoRA randomness will differ", self.rank, tag)
         log.info("resumed from %s at step %d (%d samples consumed)", tag, self.step, self.consumed_samples)
+
+    def _apply_config_lr(self) -> None:
+        """The scheduler state in a checkpoint carries the old peak LR; the config's wins (and says so)."""
+        sched, lr = self.scheduler, self.cfg.train.lr
+        if any(b != lr for b in sched.base_lrs):
+            log.warning("train.lr changed on resume (%s -> %s): continuing with the new value", sched.base_lrs[0], lr)
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, mult in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["lr"] = lr * mult(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
     def _verify_probe(self, meta: dict) -> None:
         saved = meta.get("probe_loss")

@@ -1,0 +1,141 @@
+"""Real, offline test assets: a small SentencePiece tokenizer and mmap datasets built from Python's
+standard-library sources, plus helpers that run megalong's entry point as N real ranks."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_assets(root: Path, max_mb: float = 0.6, vocab_size: int = 512) -> dict:
+    """Corpus -> tokenizer -> train/valid datasets under ``root`` (about two seconds)."""
+    from megalong.data.corpus import build_corpus
+    from megalong.data.preprocess import preprocess
+    from megalong.data.tokenizer import save_hf_tokenizer, train_sentencepiece
+
+    build_corpus(root / "corpus", max_mb=max_mb, valid_every=10)
+    model = train_sentencepiece([root / "corpus" / "train.jsonl"], root / "tok" / "spm", vocab_size=vocab_size,
+                                input_sentence_size=20000, num_threads=1)
+    hf = save_hf_tokenizer(model, root / "tok" / "hf")
+    for split in ("train", "valid"):
+        preprocess([root / "corpus" / f"{split}.jsonl"], root / "data" / split, hf, workers=0, append_eod=True,
+                   progress=False)
+    return {"tokenizer": str(hf), "spm": str(model), "train": str(root / "data" / "train"),
+            "valid": str(root / "data" / "valid"), "vocab_size": vocab_size}
+
+
+def tiny_run_config(assets: dict, run_dir: Path, **sections) -> dict:
+    """A LongLoRA (S²-Attn + LoRA+ + PI) recipe on a tiny Llama built from a config, fp32."""
+    cfg = {
+        "model": {
+            "tokenizer": assets["tokenizer"],
+            "init_config": {
+                "model_type": "llama", "vocab_size": assets["vocab_size"], "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False,
+            },
+        },
+        "rope": {"type": "linear"},
+        "attention": {"train": "s2", "group_size": 32},
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "zero": {"stage": 3},
+        "data": {"prefixes": [assets["train"]], "valid_prefixes": [assets["valid"]], "max_seq_len": 128},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1, "lr": 5e-3,
+                  "warmup_steps": 2, "dtype": "fp32", "grad_clip": 1.0, "eval_batches": 2},
+        "checkpoint": {"save_interval": 3},
+        "logging": {"log_interval": 1, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(copy.deepcopy(values))
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"), TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def start_ranks(cfg: dict, world: int, workdir: Path, overrides: list[str] = (), worker_args: list[str] = ()):
+    """Start ``world`` processes of the real entry point (through tests/dist/worker.py), like torchrun."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / f"cfg_{time.monotonic_ns()}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    procs = []
+    for r in range(world):
+        log = open(workdir / f"rank{r}.log", "w")
+        cmd = [sys.executable, "-m", "tests.dist.worker", *worker_args, "--", "--config", str(cfg_path), *overrides]
+        procs.append(subprocess.Popen(cmd, env=rank_env(r, world, port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_ranks(procs, workdir: Path, timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"ranks timed out; logs:\n{read_logs(workdir)}") from None
+    return codes
+
+
+def read_logs(workdir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(workdir.glob("rank*.log")))
+
+
+def run_ranks(cfg: dict, world: int, workdir: Path, overrides: list[str] = (), timeout: float = 300,
+              worker_args: list[str] = (), expect: int | None = 0) -> list[int]:
+    codes = wait_ranks(start_ranks(cfg, world, workdir, overrides, worker_args), workdir, timeout)
+    if expect is not None and any(c != expect for c in codes):
+        raise AssertionError(f"exit codes {codes} (expected {expect}); logs:\n{read_logs(workdir)}")
+    return codes
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def trained_weights(run_dir: Path, tag: str = "latest") -> dict:
+    """fp32 trained tensors of a run's checkpoint (any ZeRO stage / rank count)."""
+    from megalong.engine.export import open_checkpoint, trained_tensors
+
+    return trained_tensors(open_checkpoint(run_dir, tag))
+
+
+def clean_shm() -> None:
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass

@@ -1,0 +1,123 @@
+"""A run that is killed, signalled, fed bad input or hits a NaN loses nothing already saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from megalong.engine import checkpoint as ckpt
+from tests.assets import clean_shm, read_logs, run_ranks, start_ranks, step_losses, tiny_run_config, wait_ranks
+
+pytestmark = pytest.mark.dist
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(assets, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(assets, run)
+    codes = run_ranks(cfg, 1, tmp_path / "logs", worker_args=["--die-during-save-at", "6"], expect=None)
+    assert codes == [9]
+    ckpt_dir = run / "checkpoints"
+    assert (ckpt_dir / "step_00000006").is_dir()  # DeepSpeed's files were written...
+    assert ckpt.read_meta(ckpt_dir, "step_00000006") is None  # ...but the checkpoint is not complete
+    assert (ckpt_dir / "latest").read_text() == "step_00000003"
+    assert ckpt.find_resume_tag(ckpt_dir, "auto") == "step_00000003"
+
+    run_ranks(cfg, 1, tmp_path / "logs2", overrides=["--checkpoint.resume=auto"])
+    assert sorted(step_losses(run))[-3:] == [4, 5, 6]
+    assert (ckpt_dir / "latest").read_text() == "step_00000006"
+    assert ckpt.read_meta(ckpt_dir, "step_00000006")["step"] == 6
+    clean_shm()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(assets, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(assets, run, train={"max_steps": 1000}, checkpoint={"save_interval": 0})
+    procs = start_ranks(cfg, 2, tmp_path / "logs", worker_args=["--sleep-per-step", "0.3"])
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    assert metrics.exists(), read_logs(tmp_path / "logs")
+    for p in procs:  # what a cluster scheduler does: SIGTERM to every rank
+        p.send_signal(signal.SIGTERM)
+    codes = wait_ranks(procs, tmp_path / "logs", timeout=120)
+    assert codes == [0, 0], read_logs(tmp_path / "logs")
+    tag = (run / "checkpoints" / "latest").read_text()
+    meta = ckpt.read_meta(run / "checkpoints", tag)
+    last_step = max(step_losses(run))
+    assert meta["step"] == last_step and 2 <= last_step < 1000
+    clean_shm()
+
+
+def _corrupt_copy(assets, tmp_path, how):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(assets["train"] + ext, d / ("train" + ext))
+    prefix = str(d / "train")
+    if how == "truncated":
+        with open(prefix + ".bin", "r+b") as f:
+            f.truncate(f.seek(0, 2) - 10)
+    elif how == "vocab":
+        meta = json.loads((d / "train.json").read_text())
+        meta["max_token_id"] = assets["vocab_size"] + 100
+        meta["vocab_size"] = assets["vocab_size"] + 101
+        (d / "train.json").write_text(json.dumps(meta))
+    return prefix
+
+
+@pytest.mark.parametrize("case,expect_code,needle", [
+    ("truncated", 4, "train.bin"),
+    ("vocab", 4, "vocabulary has only"),
+    ("config", 2, "does not divide"),
+    ("group", 2, "attention.group_size"),
+])
+def test_bad_input_fails_before_training(assets, tmp_path, case, expect_code, needle):
+    run = tmp_path / "run"
+    cfg = tiny_run_config(assets, run)
+    overrides = []
+    if case in ("truncated", "vocab"):
+        cfg["data"]["prefixes"] = [_corrupt_copy(assets, tmp_path, case)]
+    elif case == "config":
+        overrides = ["--parallel.sp=3"]
+    elif case == "group":
+        overrides = ["--attention.group_size=33"]
+    codes = run_ranks(cfg, 1, tmp_path / "logs", overrides=overrides, expect=None)
+    log = read_logs(tmp_path / "logs")
+    assert codes == [expect_code], log
+    assert needle in log
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+    clean_shm()
+
+
+def test_nan_loss_stops_with_diagnostic_and_keeps_weights(assets, tmp_path):
+    """Policy stop: a NaN loss at step 5 stops the run (exit 3) with a diagnostic; the step-3
+    checkpoint stays the latest and its weights were never touched by the NaN gradients."""
+    run = tmp_path / "run"
+    cfg = tiny_run_config(assets, run)
+    codes = run_ranks(cfg, 1, tmp_path / "logs", expect=None, worker_args=["--nan-at-micro-steps", "5"])
+    log = read_logs(tmp_path / "logs")
+    assert codes == [3], log
+    assert "non-finite loss/gradients at step 5" in log and "train.nan_policy=skip" in log
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert sorted(step_losses(run)) == [1, 2, 3, 4]
+    clean_shm()
+
+
+def test_nan_policy_skip_skips_the_step_and_matches_a_run_without_it(assets, tmp_path):
+    """Policy skip: the poisoned step changes no weight (DeepSpeed skips the update), training goes on."""
+    run = tmp_path / "run"
+    cfg = tiny_run_config(assets, run, train={"nan_policy": "skip"})
+    run_ranks(cfg, 1, tmp_path / "logs", worker_args=["--nan-at-micro-steps", "2"])
+    log = read_logs(tmp_path / "logs")
+    recs = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert recs[2]["skipped"] and not recs[1]["skipped"] and not recs[3]["skipped"], log
+    assert "step skipped" in log
+    assert all(np.isfinite(recs[s]["loss"]) for s in (1, 3, 4, 5, 6))
+    assert ckpt.read_meta(run / "checkpoints", "step_00000006") is not None
+    clean_shm()
