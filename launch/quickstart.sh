@@ -70,7 +70,7 @@ EVAL=$QS_DIR/eval; mkdir -p "$EVAL"
 for m in base_hf base_pi_hf extended_hf; do
   for proto in longlora standard; do
     $PY tools/eval_ppl.py --model "$QS_DIR/$m" --data "$DATA/valid" --seq-len 1024 --protocol $proto \
-      --max-windows 64 > "$EVAL/ppl_${m}_${proto}.json"
+      --max-windows 32 > "$EVAL/ppl_${m}_${proto}.json"
   done
 done
 $PY tools/eval_ppl.py --model "$QS_DIR/base_hf" --data "$DATA/valid" --seq-len 256 --protocol standard \

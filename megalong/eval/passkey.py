@@ -95,8 +95,8 @@ def run_passkey(
                                                                                 for t in range(trials)]
         for depth, _ in cells:
             key = rng.randint(10000, 50000)
-            prompt = build_prompt(encode, length, depth, key)
             n_answer = len(encode(str(key))) + 1  # +1: a tokenizer may emit a word-boundary piece first
+            prompt = build_prompt(encode, length - n_answer, depth, key)  # prompt + answer fit in `length`
             answer = decode(greedy_answer(model, prompt, n_answer, device))
             found = re.search(r"\d+", answer)
             correct = found is not None and found.group() == str(key)
