@@ -60,7 +60,9 @@ class RunCheckpoint:
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.meta["base_model_dir"])
+        """Recorded base model directory (relative paths are inside the run directory)."""
+        p = Path(self.meta["base_model_dir"])
+        return p if p.is_absolute() else self.run_dir / p
 
 
 def open_checkpoint(run_dir: str | Path, tag: str = "latest") -> RunCheckpoint:
@@ -270,7 +272,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, tag: str = "latest", 
 
 
 def export_adapter(run_dir: str | Path, out_dir: str | Path, *, tag: str = "latest", base: str | None = None) -> Path:
-    """Write a PEFT adapter directory (LoRA + embed/norm as modules_to_save) for a LoRA+ run."""
+    """Write a PEFT adapter directory (LoRA + embed/norm as modules_to_save) for a LoRA+ run.
+
+    The adapter alone does not change RoPE, so the directory also holds ``config.json``: the base's
+    config with the run's scaling. Load the base with it, then the adapter::
+
+        cfg = AutoConfig.from_pretrained(adapter_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, config=cfg)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    """
     from megalong.lora import apply_lora_plus, export_peft_adapter
     from megalong.models import create_model
 
@@ -293,6 +303,7 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, tag: str = "late
                                   "the base model does not match the run")
             state[key] = t
         export_peft_adapter(skeleton, state, rc.cfg.lora, tmp, base_model_name_or_path=str(base_dir))
+        export_config(rc, base_dir, tmp, None)  # the base's config with the run's RoPE scaling
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

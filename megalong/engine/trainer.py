@@ -278,7 +278,7 @@ class Trainer:
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cfg
         return {
-            "base_model": str(self.base_dir),
+            "base_model": c.model.name_or_path or {"init_config": c.model.init_config, "seed": c.train.seed},
             "rope": self.rope.to_dict() if self.rope else None,
             "group_size": c.group_size,
             "attention_train": c.attention.train,
@@ -306,7 +306,7 @@ class Trainer:
                 "step": self.step, "consumed_samples": self.consumed_samples, "probe_loss": probe,
                 "world_size": self.dims.world, "dp": self.dims.dp, "sp": self.dims.sp,
                 "zero_stage": self.cfg.zero.stage, "dtype": self.cfg.train.dtype,
-                "base_model_dir": str(self.base_dir), "code_version": ckpt.code_version(),
+                "base_model_dir": self._base_dir_record(), "code_version": ckpt.code_version(),
                 "fingerprint": self._fingerprint(), "config": config_to_dict(self.cfg),
             }
             ckpt.mark_complete(self.ckpt_dir, tag, meta)
@@ -315,6 +315,13 @@ class Trainer:
         self._last_saved_step = self.step
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
         return tag
+
+    def _base_dir_record(self) -> str:
+        """The base model directory, relative when it lives inside the run dir (so a run can be moved)."""
+        try:
+            return str(Path(self.base_dir).resolve().relative_to(self.run_dir.resolve()))
+        except ValueError:
+            return str(Path(self.base_dir).resolve())
 
     def load(self, tag: str) -> None:
         """Resume from a complete checkpoint: weights, optimizer, scheduler, step, data position, RNG."""

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from megalong.engine import checkpoint as ckpt
-from tests.assets import clean_shm, read_logs, run_ranks, start_ranks, step_losses, tiny_run_config, wait_ranks
+from tests.assets import (
+    clean_shm,
+    read_logs,
+    run_ranks,
+    start_ranks,
+    step_losses,
+    tiny_run_config,
+    wait_ranks,
+)
 
 pytestmark = pytest.mark.dist
 
