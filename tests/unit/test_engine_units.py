@@ -1,0 +1,78 @@
+"""Pieces of the engine that need no processes: layout, LR schedule, checkpoint bookkeeping, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megalong.config.schema import ConfigError, TrainConfig
+from megalong.engine import checkpoint as ckpt
+from megalong.engine.schedule import lr_multiplier
+from megalong.parallel.dims import ParallelDims
+
+
+def test_parallel_layout():
+    d = ParallelDims(world=8, sp=2, rank=5)
+    assert (d.dp, d.sp_rank, d.dp_rank) == (4, 1, 2)
+    assert d.sp_group_ranks() == [4, 5] and d.dp_group_ranks() == [1, 3, 5, 7]
+    groups = {tuple(d.sp_group_ranks(r)) for r in range(8)}
+    assert groups == {(0, 1), (2, 3), (4, 5), (6, 7)}
+    with pytest.raises(ConfigError, match="does not divide the world size 8; use one of"):
+        ParallelDims(world=8, sp=3)
+    with pytest.raises(ConfigError, match="Ulysses"):
+        ParallelDims(world=8, sp=4).check_model(num_heads=8, num_kv_heads=2, mode="ulysses")
+
+
+def test_lr_schedules():
+    const = lr_multiplier(TrainConfig(max_steps=100, warmup_steps=10, schedule="constant", lr=1e-3))
+    assert [round(const(s), 3) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = lr_multiplier(TrainConfig(max_steps=110, warmup_steps=10, schedule="cosine", lr=1e-3, min_lr=1e-4))
+    assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1)
+
+
+def _fake_ckpt(d, step, complete=True):
+    tag = ckpt.tag_for_step(step)
+    (d / tag).mkdir(parents=True)
+    (d / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.mark_complete(d, tag, {"step": step, "fingerprint": {"max_seq_len": 128}})
+    return tag
+
+
+def test_resume_tag_selection_and_pruning(tmp_path):
+    assert ckpt.find_resume_tag(tmp_path, "auto") is None
+    for s in (10, 20, 30):
+        _fake_ckpt(tmp_path, s)
+    _fake_ckpt(tmp_path, 40, complete=False)  # killed during save
+    assert (tmp_path / "latest").read_text() == "step_00000030"
+    assert ckpt.find_resume_tag(tmp_path, "auto") == "step_00000030"
+    (tmp_path / "latest").write_text("step_00000040")  # a pointer to an incomplete one is not trusted
+    assert ckpt.find_resume_tag(tmp_path, "auto") == "step_00000030"
+    assert ckpt.find_resume_tag(tmp_path, "step_00000010") == "step_00000010"
+    with pytest.raises(ckpt.CheckpointError, match="not a complete megalong checkpoint"):
+        ckpt.find_resume_tag(tmp_path, "step_00000040")
+    assert ckpt.find_resume_tag(tmp_path, "none") is None
+    removed = ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(removed) == ["step_00000010"]
+    assert [t for _, t in ckpt.complete_tags(tmp_path)] == ["step_00000020", "step_00000030"]
+    assert (tmp_path / "step_00000040").is_dir()  # newer than the newest complete: may be in progress
+
+
+def test_compatibility_check_names_the_difference(tmp_path):
+    _fake_ckpt(tmp_path, 5)
+    meta = ckpt.read_meta(tmp_path, "step_00000005")
+    ckpt.check_compatible(meta, {"max_seq_len": 128})
+    with pytest.raises(ckpt.CheckpointError, match="max_seq_len: checkpoint 128 vs now 256"):
+        ckpt.check_compatible(meta, {"max_seq_len": 256})
+
+
+def test_metrics_writer_appends_json_lines(tmp_path):
+    from megalong.utils.metrics import MetricsWriter, read_metrics
+
+    w = MetricsWriter(tmp_path)
+    w.write({"step": 1, "loss": 2.0})
+    w.write({"step": 2, "loss": 1.5})
+    w.close()
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [2.0, 1.5]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
