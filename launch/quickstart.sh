@@ -10,7 +10,7 @@
 #               extended; passkey at 1024; a generation sample
 #
 # Everything goes under $QS_DIR (default runs/quickstart). Rerunning reuses finished stages.
-# Knobs: QS_BASE_STEPS, QS_EXT_STEPS, QS_RANKS, QS_DIR.
+# Knobs: QS_BASE_STEPS, QS_EXT_STEPS, QS_RANKS, QS_EVAL_WINDOWS, QS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,7 @@ QS_DIR=${QS_DIR:-runs/quickstart}
 QS_BASE_STEPS=${QS_BASE_STEPS:-250}
 QS_EXT_STEPS=${QS_EXT_STEPS:-100}
 QS_RANKS=${QS_RANKS:-2}
+QS_EVAL_WINDOWS=${QS_EVAL_WINDOWS:-32}
 PY=${PYTHON:-python}
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 DS="$(dirname "$PY")/deepspeed"; [ -x "$DS" ] || DS=deepspeed
@@ -70,7 +71,7 @@ EVAL=$QS_DIR/eval; mkdir -p "$EVAL"
 for m in base_hf base_pi_hf extended_hf; do
   for proto in longlora standard; do
     $PY tools/eval_ppl.py --model "$QS_DIR/$m" --data "$DATA/valid" --seq-len 1024 --protocol $proto \
-      --max-windows 32 > "$EVAL/ppl_${m}_${proto}.json"
+      --max-windows "$QS_EVAL_WINDOWS" > "$EVAL/ppl_${m}_${proto}.json"
   done
 done
 $PY tools/eval_ppl.py --model "$QS_DIR/base_hf" --data "$DATA/valid" --seq-len 256 --protocol standard \
