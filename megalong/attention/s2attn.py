@@ -1,0 +1,217 @@
+"""S²-Attn (shifted sparse attention, LongLoRA) and segment-aware full causal attention.
+
+The contract (DESIGN.md, "S²-Attn: exact semantics"). For each row, or each document of a packed
+row, with x the position inside the document, group size G (even) and head h of H:
+
+    half(h) = 0 for the first ⌊H/2⌋ heads, 1 for the rest
+    grp0(x) = ⌊x / G⌋          grp1(x) = ⌊(x + G/2) / G⌋
+    query i sees key j  ⇔  j ≤ i  and  grp_half(h)(i) = grp_half(h)(j)  (and same document)
+
+    N = 20, G = 8        x: 0 1 2 3 4 5 6 7 8 9 ...      15 16 ...  19
+    half 0 groups          [ 0 . . . . . . . ][ 1 . . . . . . . ][ 2 . . ]
+    half 1 groups          [ 0 . . ][ 1 . . . . . . . ][ 2 . . . . . . . ]
+
+No wrap-around: LongLoRA's roll-based version lets the first tokens of the shifted half attend
+to the last ones (a future-token leak); here the shifted half simply starts with a half group.
+N need not be a multiple of G; groups at the end may be partial; a row shorter than G/2 is one
+group. GQA: query head h uses kv head ⌊h / (H / H_kv)⌋, as transformers' ``repeat_kv``.
+
+Backends:
+    reference  dense boolean mask from the formula, fp32 math (slow, obviously right)
+    sdpa       grouped views / bucketed chunks + causal SDPA (CPU and GPU; see ``sdpa.py``)
+    flash      flash-attn varlen with cu_seqlens at group and document starts (``flash.py``)
+
+``segment_ids`` (B, N): a document is a maximal run of equal consecutive ids. To honour an HF
+padding mask as well, merge it first with ``combine_segments_and_padding``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .flash import full_flash, s2_flash
+from .layout import combine_segments_and_padding, doc_starts, positions_in_doc
+from .sdpa import decode_mask, full_sdpa, s2_sdpa
+
+__all__ = [
+    "BACKENDS",
+    "s2_attention",
+    "full_attention",
+    "s2_mask",
+    "full_mask",
+    "combine_segments_and_padding",
+    "check_group_size",
+]
+
+BACKENDS = ("sdpa", "flash", "reference")
+
+
+def check_group_size(group_size: int) -> None:
+    """Raise a ValueError that says what to use instead when G is not a positive even int."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(
+            f"group_size={group_size!r} must be a positive even int (LongLoRA uses max_seq_len // 4)"
+        )
+    if group_size % 2:
+        raise ValueError(
+            f"group_size={group_size} is odd; S²-Attn shifts half the heads by G/2, so G must be even: "
+            f"use {group_size - 1} or {group_size + 1} (LongLoRA uses max_seq_len // 4)"
+        )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; 'sdpa' works everywhere")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_len: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4D (batch, heads, seq_len, head_dim); got {q.dim()}D, {k.dim()}D, {v.dim()}D"
+        )
+    (b, h, n, d), (bk, hk, nk, dk) = q.shape, k.shape
+    if v.shape[:3] != k.shape[:3] or bk != b or dk != d:
+        raise ValueError(
+            f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+            "q (B, H, N, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v)"
+        )
+    if h % hk:
+        raise ValueError(f"{h} query heads are not a multiple of {hk} kv heads; GQA needs H % H_kv == 0")
+    if same_len and nk != n:
+        raise ValueError(
+            f"S²-Attn needs q and k of the same length (got {n} and {nk}): it is a training-time "
+            "attention; use full_attention for decoding with a KV cache"
+        )
+    if nk < n:
+        raise ValueError(f"q is longer than k ({n} > {nk}); queries must be the last positions of k")
+
+
+def _check_segments(segment_ids: torch.Tensor | None, batch: int, seq_len: int) -> None:
+    if segment_ids is None:
+        return
+    if segment_ids.shape != (batch, seq_len):
+        raise ValueError(
+            f"segment_ids has shape {tuple(segment_ids.shape)}; expected (batch, seq_len) = ({batch}, {seq_len})"
+        )
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex:
+        raise ValueError(f"segment_ids must be an integer (or bool) tensor, got {segment_ids.dtype}")
+
+
+def _doc_ids_and_positions(segment_ids: torch.Tensor | None, batch: int, seq_len: int, device):
+    """(B, N) document index and position inside the document."""
+    if segment_ids is None:
+        starts = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        starts[:, 0] = True
+    else:
+        starts = doc_starts(segment_ids.to(device))
+    return starts.cumsum(dim=-1), positions_in_doc(starts)
+
+
+def s2_mask(
+    batch: int, num_heads: int, seq_len: int, group_size: int, segment_ids: torch.Tensor | None, device
+) -> torch.Tensor:
+    """Dense (B, H, N, N) boolean S²-Attn mask straight from the formula (True = may attend)."""
+    docs, pos = _doc_ids_and_positions(segment_ids, batch, seq_len, device)
+    ar = torch.arange(seq_len, device=device)
+    allowed = (ar[None, :] <= ar[:, None]) & (docs[:, :, None] == docs[:, None, :])  # (B, N, N)
+    halves = []
+    for shift in (0, group_size // 2):
+        grp = (pos + shift) // group_size  # (B, N)
+        halves.append(allowed & (grp[:, :, None] == grp[:, None, :]))
+    half_of_head = torch.tensor([0] * (num_heads // 2) + [1] * (num_heads - num_heads // 2), device=device)
+    return torch.stack(halves, dim=1)[:, half_of_head]  # (B, H, N, N)
+
+
+def full_mask(batch: int, q_len: int, kv_len: int, segment_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Dense (B, 1, Q, K) causal mask; queries are the last Q of the K positions."""
+    return decode_mask(segment_ids, batch, q_len, kv_len, device)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """Masked softmax attention in (at least) fp32 with repeated kv heads; (B, H, Q, Dv) in q's dtype."""
+    rep = q.shape[1] // k.shape[1]
+    compute = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    k_r = k.repeat_interleave(rep, dim=1).to(compute)  # (B, H, K, D)
+    v_r = v.repeat_interleave(rep, dim=1).to(compute)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.to(compute) @ k_r.transpose(-1, -2)) * scale  # (B, H, Q, K)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1) @ v_r).to(q.dtype)
+
+
+def s2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_size: int,
+    *,
+    backend: str = "sdpa",
+    segment_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Shifted sparse attention (LongLoRA's S²-Attn), causal and leak-free.
+
+    Args:
+        q: (B, H, N, D) queries.
+        k: (B, H_kv, N, D) keys; H must be a multiple of H_kv (GQA/MQA).
+        v: (B, H_kv, N, D_v) values.
+        group_size: G, even; the first ⌊H/2⌋ heads attend in groups [0,G), [G,2G), …, the others
+            in [0,G/2), [G/2,3G/2), … — counted from each document start.
+        backend: "sdpa" (default, CPU/GPU), "flash" (flash-attn, CUDA bf16/fp16) or "reference".
+        segment_ids: optional (B, N) ints; documents (runs of equal ids) never see each other.
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, H, N, D_v) attention output.
+    """
+    check_group_size(group_size)
+    _check_backend(backend)
+    _check_qkv(q, k, v, same_len=True)
+    batch, num_heads, seq_len, _ = q.shape
+    _check_segments(segment_ids, batch, seq_len)
+    if backend == "reference":
+        allowed = s2_mask(batch, num_heads, seq_len, group_size, segment_ids, q.device)
+        return reference_attention(q, k, v, allowed, scale)
+    if backend == "flash":
+        return s2_flash(q, k, v, group_size, segment_ids, scale).transpose(1, 2)
+    return s2_sdpa(q, k, v, group_size, segment_ids, scale).transpose(1, 2)
+
+
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "sdpa",
+    segment_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention for evaluation and generation, documents respected.
+
+    Args:
+        q: (B, H, Q, D) queries: the last Q positions of the K keys (Q < K with a KV cache).
+        k: (B, H_kv, K, D) keys.
+        v: (B, H_kv, K, D_v) values.
+        backend: "sdpa", "flash" or "reference".
+        segment_ids: optional (B, K) ints over the key positions; documents never see each other.
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, H, Q, D_v) attention output.
+    """
+    _check_backend(backend)
+    _check_qkv(q, k, v, same_len=False)
+    batch, _, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    _check_segments(segment_ids, batch, kv_len)
+    if backend == "reference":
+        return reference_attention(q, k, v, full_mask(batch, q_len, kv_len, segment_ids, q.device), scale)
+    if backend == "flash":
+        out = full_flash(q, k, v, segment_ids, scale)
+        if out is not None:
+            return out.transpose(1, 2)
+    return full_sdpa(q, k, v, segment_ids, scale).transpose(1, 2)
