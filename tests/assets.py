@@ -71,7 +71,8 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     env = dict(os.environ)
     env.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+        OMP_NUM_THREADS="1",
         TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"), TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
     )

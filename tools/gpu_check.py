@@ -10,7 +10,8 @@ Run through ``tools/gpu_check.sh`` on a CUDA machine (designed for < 5 minutes o
                      left/right padding, GQA / MQA, odd H; full attention incl. a KV cache
     3. causality     perturbing tokens after position i never changes outputs at or before i
     4. speed         fwd+bwd of S²-Attn (sdpa, flash) vs full causal attention at 16k–64k, G = N/4
-    5. train step    ``training_step_check`` — a hook for the engine author (``--train-step``)
+    5. train step    ``training_step_check``: a short bf16 LongLoRA run through the real entry point
+                     (``--train-step``)
 
 Results: a compact table on stdout; with ``$OUT`` set, ``$OUT/gpu_check.json`` and
 ``$OUT/gpu_check.txt``. ``--device cpu --quick`` smoke-tests the script itself without a GPU.
@@ -246,13 +247,60 @@ def speed(backends: list[str], args: argparse.Namespace, flash_ok: bool) -> list
 
 
 def training_step_check(args: argparse.Namespace) -> dict:
-    """HOOK for the engine author: a short bf16 training step of a tiny model on this GPU.
+    """A short bf16 LongLoRA training run on this device through the real entry point.
 
-    Expected to build a tiny model, switch it with ``use_s2_attention(model, G, backend=...)``,
-    run a few optimizer steps in bf16 and return a dict such as
-    ``{"check": "train step", "ok": bool, "loss": float, "seconds": float}``.
+    A ~40M-parameter Llama (hidden 512, 8 layers, GQA 8:2) built from a config, the embedded corpus
+    and tokenizer, S²-Attn (flash if it imports, else sdpa) + LoRA+ + PI, ZeRO-3, one rank, bf16,
+    N = 16384 (512 with --device cpu), 6 optimizer steps, then a checkpoint. Passes when every loss is
+    finite, the loss falls from the first step to the last, and the checkpoint is complete.
     """
-    return {"check": "train step", "ok": None, "status": "not implemented (engine author: fill in)"}
+    import tempfile
+
+    from megalong.engine import checkpoint as ckpt
+    from tests.assets import build_assets, read_logs, run_ranks, tiny_run_config
+
+    on_gpu = args.device.startswith("cuda") and torch.cuda.is_available()
+    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
+    backend = "sdpa"
+    if on_gpu:
+        try:
+            import flash_attn  # noqa: F401
+
+            backend = "flash"
+        except ImportError:
+            pass
+    n = 16384 if on_gpu else 512
+    root = Path(__file__).resolve().parents[1] / ".cache"
+    root.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        assets = build_assets(Path(tmp) / "assets", max_mb=2.0, vocab_size=4096)
+        model = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1408,
+                 "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+                 "max_position_embeddings": n // 4, "tie_word_embeddings": False}
+        run = Path(tmp) / "run"
+        cfg = tiny_run_config(
+            assets, run, model={"tokenizer": assets["tokenizer"], "init_config": model},
+            attention={"train": "s2", "group_size": n // 4, "backend": backend},
+            data={"max_seq_len": n}, zero={"stage": 3},
+            train={"dtype": "bf16", "max_steps": 6, "micro_batch_size": 1, "lr": 2e-3, "warmup_steps": 1},
+            checkpoint={"save_interval": 0, "save_at_end": True},
+        )
+        t0 = time.perf_counter()
+        try:
+            run_ranks(cfg, 1, Path(tmp) / "logs", timeout=420)
+        except AssertionError as e:
+            return {"check": "train step", "ok": False, "backend": backend, "error": str(e)[-2000:]}
+        seconds = time.perf_counter() - t0
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in recs]
+        complete = ckpt.read_meta(run / "checkpoints", "step_00000006") is not None
+        ok = all(map(lambda x: x == x and abs(x) != float("inf"), losses)) and losses[-1] < losses[0] and complete
+        return {
+            "check": "train step", "ok": bool(ok), "backend": backend, "seq_len": n, "dtype": "bf16",
+            "losses": [round(x, 4) for x in losses], "tokens_per_s": round(recs[-1]["tokens_per_s"]),
+            "mem_gb": recs[-1]["mem_gb"], "mfu": recs[-1]["mfu"], "checkpoint_complete": complete,
+            "seconds_total": round(seconds, 1), "log_tail": "" if ok else read_logs(Path(tmp) / "logs")[-1500:],
+        }
 
 
 def format_tables(report: dict) -> str:

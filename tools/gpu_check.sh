@@ -4,7 +4,7 @@
 #
 #   tools/gpu_check.sh                  # full check (< 5 min on one H100/H200)
 #   tools/gpu_check.sh --quick          # small cases only
-#   tools/gpu_check.sh --train-step     # also the engine's short bf16 training step (hook)
+#   tools/gpu_check.sh --train-step     # also a short bf16 LongLoRA training run (16k, S²-Attn, ZeRO-3)
 #   PYTHON=/path/to/python OUT=/some/dir tools/gpu_check.sh   # interpreter; where results go
 #
 # Creates nothing outside the repository (caches go to ./.cache, ignored by git) except $OUT.

@@ -58,10 +58,11 @@ class _ChunkedCE(torch.autograd.Function):
             h = hidden[s:e]
             logits = _chunk_logits(h, weight, bias)  # (C, V)
             lab = labels[s:e]
-            valid = (lab != IGNORE_INDEX).unsqueeze(1)
-            dlogits = torch.exp(logits - lse[s:e].unsqueeze(1))  # softmax
+            # in place, one (C, V) buffer: softmax - onehot, scaled by the incoming gradient (0 if ignored)
+            dlogits = logits.sub_(lse[s:e].unsqueeze(1)).exp_()
             dlogits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse[s:e], -1.0).unsqueeze(1))
-            dlogits = torch.where(valid, dlogits * grad_total, torch.zeros_like(dlogits))
+            row_scale = torch.where(lab != IGNORE_INDEX, grad_total.to(dlogits.dtype), torch.zeros_like(lse[s:e]))
+            dlogits.mul_(row_scale.unsqueeze(1))
             d = dlogits.to(h.dtype)
             if need_h:
                 grad_h[s:e] = d @ weight

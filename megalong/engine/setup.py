@@ -204,10 +204,19 @@ def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=No
     model._megalong_hf_ds_config = hf_ds  # keep transformers' ZeRO-3 switch alive with the model
     torch.manual_seed(cfg.train.seed + 1)
     model = apply_lora_plus(model, cfg.lora)
+    _cast_trainable(model, DTYPES[cfg.train.dtype])
     set_attention(cfg, model, "train")
     enable_activation_checkpointing(cfg, model, ds_config, dims)
     model.train()
     return model, scaling
+
+
+def _cast_trainable(model: nn.Module, dtype: torch.dtype) -> None:
+    """peft creates adapters in fp32 beside a bf16 base; DeepSpeed wants one dtype (it keeps its own
+    fp32 master copy of every trainable parameter), so the adapters follow the training dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def enable_activation_checkpointing(cfg: Config, model: nn.Module, ds_config: dict, dims) -> None:

@@ -91,6 +91,17 @@ def test_resume_reproduces_uninterrupted_losses_exactly(assets, tmp_path, two_ra
     clean_shm()
 
 
+def test_bf16_zero3_lora_plus_trains_close_to_fp32(assets, tmp_path, reference):
+    """bf16 (peft makes fp32 adapters beside a bf16 base: they must be cast for DeepSpeed) on 2 ranks."""
+    run_ranks(tiny_run_config(assets, tmp_path / "run", train={"dtype": "bf16"}), 2, tmp_path / "logs")
+    losses, ref = step_losses(tmp_path / "run"), reference[1]
+    assert sorted(losses) == list(range(1, 7))
+    for s in losses:
+        assert abs(losses[s] - ref[s]) < 0.05 * ref[s], (s, losses[s], ref[s])
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["bf16"]["enabled"]
+    clean_shm()
+
+
 # ---------------------------------------------------------------- conversion of these runs
 def _safetensors(d):
     from safetensors.torch import load_file

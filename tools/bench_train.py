@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Training throughput and memory of the tiny model, measured on this machine in one run.
+
+    python tools/bench_train.py --part engine        # tokens/s + peak memory per rank: S²-Attn vs full
+                                                     # at several lengths; ZeRO-2 vs ZeRO-3 vs ZeRO-3 offload
+    python tools/bench_train.py --part loss-memory   # one training step's peak memory vs N, with and
+                                                     # without the chunked cross-entropy
+Both print a Markdown table and write JSON next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = {
+    "model_type": "llama", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+
+
+def engine_runs(assets: dict, lengths: list[int], steps: int, ranks: int, work: Path) -> list[dict]:
+    from tests.assets import clean_shm, run_ranks, tiny_run_config
+
+    plan = [(n, att, {"stage": 3}) for n in lengths for att in ("s2", "full")]
+    mid = lengths[len(lengths) // 2]
+    plan += [(mid, "s2", {"stage": 2}), (mid, "s2", {"stage": 3, "offload_optimizer": True, "offload_param": True})]
+    rows = []
+    for n, att, zero in plan:
+        name = f"n{n}_{att}_z{zero['stage']}{'_off' if zero.get('offload_param') else ''}"
+        run = work / name
+        cfg = tiny_run_config(
+            assets, run, zero=zero,
+            model={"tokenizer": assets["tokenizer"], "init_config": dict(MODEL, vocab_size=assets["vocab_size"])},
+            attention={"train": att, "group_size": n // 4},
+            data={"max_seq_len": n},
+            train={"max_steps": steps, "micro_batch_size": 1, "lr": 1e-3},
+            checkpoint={"save_interval": 0, "save_at_end": False},
+        )
+        run_ranks(cfg, ranks, work / f"{name}_logs", timeout=1800)
+        clean_shm()
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        steady = [r["tokens_per_s"] for r in recs[2:]] or [r["tokens_per_s"] for r in recs]
+        rows.append({
+            "seq_len": n, "attention": att, "zero": zero["stage"], "offload": bool(zero.get("offload_param")),
+            "tokens_per_s": statistics.median(steady), "step_s": statistics.median(r["step_time_s"] for r in recs[2:]),
+            "peak_gb_per_rank": recs[-1]["mem_gb_ranks"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def engine_table(rows: list[dict], ranks: int) -> str:
+    out = [f"| N | attention | ZeRO | tokens/s ({ranks} ranks) | S²/full | peak RSS per rank (GB) |",
+           "|---|---|---|---|---|---|"]
+    full = {r["seq_len"]: r["tokens_per_s"] for r in rows if r["attention"] == "full"}
+    for r in rows:
+        z = f"{r['zero']}{' + offload' if r['offload'] else ''}"
+        ratio = f"{r['tokens_per_s'] / full[r['seq_len']]:.2f}×" if r["attention"] == "s2" and r[
+            "seq_len"] in full and r["zero"] == 3 and not r["offload"] else ""
+        mem = ", ".join(f"{m:.2f}" for m in r["peak_gb_per_rank"])
+        out.append(f"| {r['seq_len']} | {r['attention']} | {z} | {r['tokens_per_s']:.0f} | {ratio} | {mem} |")
+    return "\n".join(out)
+
+
+LOSS_CHILD = r"""
+import json, resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from megalong.engine.loss import chunked_cross_entropy
+n, mode, vocab = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=n, attn_implementation="sdpa")
+model = LlamaForCausalLM(cfg)
+x = torch.randint(0, vocab, (1, n + 1))
+def rss_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+base = rss_gb()
+if mode == "chunked":
+    h = model.model(input_ids=x[:, :-1]).last_hidden_state
+    loss, cnt = chunked_cross_entropy(h, model.lm_head.weight, x[:, 1:], chunk_size=1024)
+    (loss / cnt).backward()
+else:
+    out = model(input_ids=x[:, :-1], labels=x[:, :-1].clone())  # HF: full (N, V) logits, upcast, shifted CE
+    out.loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"seq_len": n, "mode": mode, "peak_gb": peak, "step_gb": peak - base}))
+"""
+
+
+def loss_memory_runs(lengths: list[int], vocab: int) -> list[dict]:
+    rows = []
+    for n in lengths:
+        for mode in ("chunked", "plain"):
+            env = dict(os.environ, OMP_NUM_THREADS="2")
+            res = subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n), mode, str(vocab)], env=env,
+                                 capture_output=True, text=True, timeout=1800)
+            if res.returncode != 0:
+                rows.append({"seq_len": n, "mode": mode, "error": res.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def loss_table(rows: list[dict], vocab: int) -> str:
+    by = {(r["seq_len"], r["mode"]): r for r in rows}
+    out = [f"| N | step memory, chunked CE (GB) | step memory, HF logits + CE (GB) | ratio | (V = {vocab}) |",
+           "|---|---|---|---|---|"]
+    for n in sorted({r["seq_len"] for r in rows}):
+        c, p = by.get((n, "chunked"), {}), by.get((n, "plain"), {})
+        cs = f"{c['step_gb']:.2f}" if "step_gb" in c else c.get("error", "")
+        ps = f"{p['step_gb']:.2f}" if "step_gb" in p else p.get("error", "")
+        ratio = f"{p['step_gb'] / c['step_gb']:.1f}×" if "step_gb" in c and "step_gb" in p else ""
+        out.append(f"| {n} | {cs} | {ps} | {ratio} | |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["engine", "loss-memory"], required=True)
+    p.add_argument("--lengths", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--out", default="docs/benchmarks/train")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.part == "engine":
+        from tests.assets import build_assets
+
+        with tempfile.TemporaryDirectory() as tmp:
+            assets = build_assets(Path(tmp) / "assets", max_mb=2.0, vocab_size=4096)
+            rows = engine_runs(assets, args.lengths or [512, 1024, 2048, 4096], args.steps, args.ranks,
+                               Path(tmp) / "runs")
+        table = engine_table(rows, args.ranks)
+    else:
+        rows = loss_memory_runs(args.lengths or [2048, 4096, 8192, 16384], args.vocab)
+        table = loss_table(rows, args.vocab)
+    Path(f"{out}_{args.part}.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
