@@ -3,7 +3,13 @@ import torch
 from peft import PeftModel
 
 from megalong.config.schema import ConfigError, LoraConfig
-from megalong.lora import apply_lora_plus, count_parameters, export_peft_adapter, merge_lora, trainable_state_names
+from megalong.lora import (
+    apply_lora_plus,
+    count_parameters,
+    export_peft_adapter,
+    merge_lora,
+    trainable_state_names,
+)
 from megalong.models import create_model
 from tests.conftest import tiny_config
 
@@ -14,7 +20,7 @@ def _trained(family="llama", seed=0, **over):
     base = create_model(tiny_config(family, **over), seed=seed)
     model = apply_lora_plus(base, LoraConfig())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     return model
