@@ -13,7 +13,7 @@ PIP := $(PY) -m pip install -q -c requirements/constraints.txt
 $(VENV)/.installed: setup.py requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PIP) -e ".[dev]"
 	touch $@
 

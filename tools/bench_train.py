@@ -29,47 +29,67 @@ MODEL = {
 }
 
 
-def engine_runs(assets: dict, lengths: list[int], steps: int, ranks: int, work: Path) -> list[dict]:
+def _engine_run(assets: dict, n: int, att: str, zero: dict, steps: int, ranks: int, run: Path) -> dict:
     from tests.assets import clean_shm, run_ranks, tiny_run_config
 
-    plan = [(n, att, {"stage": 3}) for n in lengths for att in ("s2", "full")]
-    mid = lengths[len(lengths) // 2]
-    plan += [(mid, "s2", {"stage": 2}), (mid, "s2", {"stage": 3, "offload_optimizer": True, "offload_param": True})]
+    cfg = tiny_run_config(
+        assets, run, zero=zero,
+        model={"tokenizer": assets["tokenizer"], "init_config": dict(MODEL, vocab_size=assets["vocab_size"])},
+        attention={"train": att, "group_size": n // 4},
+        data={"max_seq_len": n},
+        train={"max_steps": steps, "micro_batch_size": 1, "lr": 1e-3},
+        checkpoint={"save_interval": 0, "save_at_end": False},
+    )
+    run_ranks(cfg, ranks, run.with_name(run.name + "_logs"), timeout=1800)
+    clean_shm()
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = recs[2:] or recs
+    return {
+        "seq_len": n, "attention": att, "zero": zero["stage"], "offload": bool(zero.get("offload_param")),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "step_s": statistics.median(r["step_time_s"] for r in steady),
+        "peak_gb_per_rank": recs[-1]["mem_gb_ranks"],
+    }
+
+
+def engine_runs(assets: dict, lengths: list[int], steps: int, ranks: int, work: Path, pairs: int) -> list[dict]:
+    """Full and S²-Attn runs back to back (``pairs`` times per length, the host drifts over minutes),
+    then ZeRO-2 and ZeRO-3 + offload at the middle length."""
     rows = []
-    for n, att, zero in plan:
-        name = f"n{n}_{att}_z{zero['stage']}{'_off' if zero.get('offload_param') else ''}"
-        run = work / name
-        cfg = tiny_run_config(
-            assets, run, zero=zero,
-            model={"tokenizer": assets["tokenizer"], "init_config": dict(MODEL, vocab_size=assets["vocab_size"])},
-            attention={"train": att, "group_size": n // 4},
-            data={"max_seq_len": n},
-            train={"max_steps": steps, "micro_batch_size": 1, "lr": 1e-3},
-            checkpoint={"save_interval": 0, "save_at_end": False},
-        )
-        run_ranks(cfg, ranks, work / f"{name}_logs", timeout=1800)
-        clean_shm()
-        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        steady = [r["tokens_per_s"] for r in recs[2:]] or [r["tokens_per_s"] for r in recs]
-        rows.append({
-            "seq_len": n, "attention": att, "zero": zero["stage"], "offload": bool(zero.get("offload_param")),
-            "tokens_per_s": statistics.median(steady), "step_s": statistics.median(r["step_time_s"] for r in recs[2:]),
-            "peak_gb_per_rank": recs[-1]["mem_gb_ranks"],
-        })
+    k = 0
+    for n in lengths:
+        for p in range(pairs):
+            for att in ("full", "s2"):
+                k += 1
+                rows.append(dict(_engine_run(assets, n, att, {"stage": 3}, steps, ranks, work / f"r{k}"), pair=p))
+                print(json.dumps(rows[-1]), flush=True)
+    mid = lengths[len(lengths) // 2]
+    for zero in ({"stage": 2}, {"stage": 3, "offload_optimizer": True, "offload_param": True}):
+        k += 1
+        rows.append(dict(_engine_run(assets, mid, "s2", zero, steps, ranks, work / f"r{k}"), pair=None))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def engine_table(rows: list[dict], ranks: int) -> str:
-    out = [f"| N | attention | ZeRO | tokens/s ({ranks} ranks) | S²/full | peak RSS per rank (GB) |",
-           "|---|---|---|---|---|---|"]
-    full = {r["seq_len"]: r["tokens_per_s"] for r in rows if r["attention"] == "full"}
+    out = [f"| N | attention | ZeRO | tokens/s ({ranks} ranks, median of pairs) | S²/full (per-pair ratios) "
+           "| peak RSS per rank (GB) |", "|---|---|---|---|---|---|"]
+    z3 = [r for r in rows if r["pair"] is not None]
+    for n in sorted({r["seq_len"] for r in z3}):
+        full = [r for r in z3 if r["seq_len"] == n and r["attention"] == "full"]
+        s2 = [r for r in z3 if r["seq_len"] == n and r["attention"] == "s2"]
+        ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(full, s2)]
+        for att, group in (("full", full), ("s2", s2)):
+            tps = statistics.median(r["tokens_per_s"] for r in group)
+            mem = ", ".join(f"{m:.2f}" for m in group[-1]["peak_gb_per_rank"])
+            ratio = (f"{statistics.median(ratios):.2f}× ({', '.join(f'{x:.2f}' for x in ratios)})"
+                     if att == "s2" else "")
+            out.append(f"| {n} | {att} | 3 | {tps:.0f} | {ratio} | {mem} |")
     for r in rows:
-        z = f"{r['zero']}{' + offload' if r['offload'] else ''}"
-        ratio = f"{r['tokens_per_s'] / full[r['seq_len']]:.2f}×" if r["attention"] == "s2" and r[
-            "seq_len"] in full and r["zero"] == 3 and not r["offload"] else ""
-        mem = ", ".join(f"{m:.2f}" for m in r["peak_gb_per_rank"])
-        out.append(f"| {r['seq_len']} | {r['attention']} | {z} | {r['tokens_per_s']:.0f} | {ratio} | {mem} |")
+        if r["pair"] is None:
+            z = f"{r['zero']}{' + offload' if r['offload'] else ''}"
+            mem = ", ".join(f"{m:.2f}" for m in r["peak_gb_per_rank"])
+            out.append(f"| {r['seq_len']} | {r['attention']} | {z} | {r['tokens_per_s']:.0f} |  | {mem} |")
     return "\n".join(out)
 
 
@@ -133,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=2, help="engine: back-to-back (full, S²) pairs per length")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default="docs/benchmarks/train")
     args = p.parse_args(argv)
@@ -143,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             assets = build_assets(Path(tmp) / "assets", max_mb=2.0, vocab_size=4096)
-            rows = engine_runs(assets, args.lengths or [512, 1024, 2048, 4096], args.steps, args.ranks,
-                               Path(tmp) / "runs")
+            rows = engine_runs(assets, args.lengths or [1024, 2048, 4096], args.steps, args.ranks,
+                               Path(tmp) / "runs", args.pairs)
         table = engine_table(rows, args.ranks)
     else:
         rows = loss_memory_runs(args.lengths or [2048, 4096, 8192, 16384], args.vocab)
