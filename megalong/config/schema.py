@@ -48,8 +48,15 @@ class ModelConfig:
     """Build/load under ``deepspeed.zero.Init`` (no rank holds the whole model); default: on with ZeRO-3."""
     trust_remote_code: bool = False
     """Passed to transformers when loading; off by default."""
+    arch: str | None = None
+    """Published architecture of ``name_or_path`` (``llama2-70b``, ...; see megalong.utils.model_shapes):
+    dry runs and memory plans use it on machines where the model directory does not exist."""
 
     def __post_init__(self) -> None:
+        if self.arch is not None:
+            from megalong.utils.model_shapes import KNOWN_ARCHS
+
+            _one_of("model.arch", self.arch, tuple(KNOWN_ARCHS))
         _check(
             (self.name_or_path is None) != (self.init_config is None),
             "set exactly one of model.name_or_path (a local HF model directory) and model.init_config "

@@ -1,0 +1,559 @@
+"""Memory planning: per-GPU and per-host bytes of a LongLoRA / full fine-tuning run, before it runs.
+
+A pure function of its inputs: ``estimate_memory(MemoryInputs) -> MemoryEstimate``. No torch, no
+torch.distributed, no files. Shapes come from an HF config (``ModelShape.from_hf_config``) or from
+the published numbers of a known architecture (``KNOWN_ARCHS``: llama2-7b … qwen2-7b).
+
+Notation: P total / Pt trainable parameters, S = world = ZeRO shards (DeepSpeed partitions over the
+sequence × data group), w = bytes per parameter and activation element (2 bf16, 4 fp32), T = tokens
+per rank = micro_batch · N / sp, h hidden, kv = kv_heads · head_dim, I intermediate, H heads, r rank.
+
+Model states (per GPU unless offloaded to the host), mixed precision as DeepSpeed 0.19 runs it:
+
+    16-bit weights  w·P (ZeRO-1/2, every rank)  |  w·P/S + small persistent params (ZeRO-3)
+    16-bit grads    ZeRO-3: a flat w·Pt/S partition buffer, allocated once (host with offload)
+                    ZeRO-1/2: w·Pt (ZeRO-1) or w·Pt/S (ZeRO-2), filled during backward, freed at the step
+    fp32 master + Adam m, v   12·Pt/S                                  (host with offload_optimizer)
+    fp32 grads      4·Pt/S, built at the optimizer step from a flattened 16-bit copy (w·Pt/S)
+                    (persistent on the host with offload_optimizer)
+    ZeRO-3 working set  gathered params: the largest module + the prefetch bucket + params whose next
+                    use is within stage3_max_reuse_distance (about half of it at the turn from forward
+                    to backward), none on a single rank; + one module's full gradient before its
+                    reduce-scatter
+    reduce buckets  ZeRO-3: one reduce_bucket_size·w buffer from start-up; ZeRO-1/2: two (overlap_comm)
+                    allocated for each backward, plus one module's gradient in flight
+
+A frozen base (LoRA+) has no gradients and no optimizer state: only Pt (LoRA A/B, embeddings, norms)
+pays them. DeepSpeed's own estimators (``estimate_zero{2,3}_model_states_mem_needs``) assume full
+fine-tuning; tests/unit/test_memory.py checks agreement and the one deliberate difference (ZeRO-3's
+16-bit gradient partition, 2 B/param, which DeepSpeed's ZeRO-3 formula leaves out).
+
+Activations of one Llama-style decoder layer, bytes per token (w = activation bytes). These are the
+tensors autograd saves for backward in transformers' LlamaDecoderLayer (checked tensor-by-tensor with
+``torch.autograd.graph.saved_tensors_hooks``, see tests/unit/test_memory.py):
+
+    input RMSNorm       4h (fp32 upcast of the input) + 4 (rsqrt) + w·h (x̂, for the trainable weight)
+                        + w·h (normed output, kept by q/k/v when they train or carry LoRA)
+    LoRA                w·r per adapted projection (lora_A output, kept by lora_B)
+    attention (flash)   q w·h + k, v 2w·kv (after RoPE; rope saves only cos/sin) + output w·h + LSE 4·H
+    S²-Attn             + w·h: the two head-halves' outputs are concatenated into a new tensor
+    post-attn RMSNorm   4h + 4 + w·h (+ w·h normed output if gate/up train or keep their input)
+    SwiGLU MLP          gate w·I (silu input) + silu(gate) w·I + up w·I (the product's inputs)
+                        (+ w·I product, if down_proj trains or keeps its input)
+
+    LoRA+ bf16 (q,k,v,o):  18h + 4kv + 6I + 8r + 4H + 8   (Llama-2-7B: 156 KB per token per layer)
+    full fine-tune bf16:   20h + 4kv + 8I + 4H + 8
+
+Frozen linears keep no input (autograd saves an input only for the weight's gradient), except under
+ZeRO-3's zero.Init, which replaces F.linear by a function that always saves it: then the MLP input and
+product are kept even for LoRA+. With activation checkpointing (per layer) only each layer's input
+(w·h per token) is kept — on the host with DeepSpeed's cpu_checkpointing, where the GPU holds just
+the copy in flight — and one layer at a time is recomputed during backward. The backward of a layer
+adds temporaries (its output gradient w·h, and the SwiGLU product's gradient with its two factors'
+gradients, 3w·I, or 2w·I net when down_proj's saved input is freed just before); the attention backward needs dq, dk, dv w·(h + 2kv) plus flash-attn's fp32 dq
+accumulator 4h (per head-half for S²-Attn). With flash / memory-efficient SDPA attention memory is
+O(N): S²-Attn saves compute, not memory. Only an eager (materialised) softmax is O(N·K), K = N for
+full attention and K = G for LongLoRA's grouped S²-Attn.
+
+Loss: megalong never builds N×V logits. The chunked cross-entropy's backward (in place) holds a
+chunk of C tokens' matmul output, its fp32 copy turned into softmax − onehot and its w-byte cast,
+while the previous chunk's fp32 and w-byte buffers are still referenced: (8 + 2w)·C·V bytes; plus the
+hidden gradient w·h·T and, with a trainable lm_head, an fp32 weight gradient 4·V·h (and, one chunk at
+a time, the w-byte dW product and its fp32 copy).
+
+Peak: persistent states + max(backward phase, optimizer-step phase). The backward phase is the
+checkpoints + max(recomputed layer + max(layer temporaries, attention workspace), loss buffers)
+(+ ZeRO-1/2's reduce buckets); the step phase is ZeRO-1/2's 16-bit gradients + the fp32 gradients +
+max(the flattened copy, Adam's temporaries: none for fused/CPU-offload Adam, 8 B/param for torch AdamW).
+Framework overhead on a GPU: CUDA context, cuBLAS/NCCL workspaces (``cuda_context_gb``, 1 GiB) plus
+allocator fragmentation (``fragmentation``, 10% of the peak). Host per node: offloaded states, CPU
+checkpoints and one Python/CUDA process per GPU (``host_process_gb``, 4 GiB each); loading the model
+is a separate, earlier peak (every rank materialises the model without zero.Init, one shard with it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from megalong.utils.model_shapes import (
+    ATTN_PROJ,
+    KNOWN_ARCHS,
+    MLP_PROJ,
+    ModelShape,
+    ParamCounts,
+    analytic_param_counts,
+    hf_config_from_dict,
+    known_arch_config,
+)
+
+GiB = float(2**30)
+
+__all__ = [
+    "ATTN_PROJ", "GiB", "KNOWN_ARCHS", "MLP_PROJ", "MemoryEstimate", "MemoryInputs", "ModelShape", "ParamCounts",
+    "Term", "analytic_param_counts", "estimate_memory", "hf_config_from_dict", "known_arch_config", "suggest",
+]
+
+
+# ---------------------------------------------------------------------------------------- inputs
+_CHOICES = {
+    "activation_checkpointing": ("none", "layer"),
+    "attention": ("s2", "full"),
+    "attention_kernel": ("flash", "eager"),
+    "dtype": ("bf16", "fp32"),
+    "sp_mode": ("s2_halo", "ulysses"),
+    "accelerator": ("cuda", "cpu"),
+}
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """Everything the estimate depends on. GB means GiB (2^30 bytes) throughout."""
+
+    model: ModelShape
+    seq_len: int
+    micro_batch: int = 1
+    gpus_per_node: int = 8
+    nodes: int = 1
+    sp: int = 1
+    """Sequence-parallel degree: each rank holds seq_len / sp tokens of a row; dp = world / sp."""
+    sp_mode: str = "s2_halo"
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    zero_init: bool | None = None
+    """Model built under deepspeed.zero.Init (default: with ZeRO-3). Its F.linear keeps every input."""
+    activation_checkpointing: str = "layer"
+    """``none`` or ``layer`` (each decoder layer's input is kept, the layer recomputed in backward)."""
+    cpu_checkpointing: bool = False
+    """DeepSpeed cpu_checkpointing: the kept layer inputs live in host memory."""
+    attention: str = "s2"
+    group_size: int | None = None
+    """S²-Attn group size; default seq_len / 4."""
+    attention_kernel: str = "flash"
+    """``flash`` (flash-attn / SDPA flash or memory-efficient: O(N)) or ``eager`` (materialised softmax)."""
+    dtype: str = "bf16"
+    lora: bool = True
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ATTN_PROJ
+    lora_trainable: tuple[str, ...] = ("embed", "norm")
+    loss_chunk: int = 1024
+    reduce_bucket_size: int = 200_000_000
+    prefetch_bucket_size: int = 50_000_000
+    max_reuse_distance: int = 1_000_000_000
+    """ZeRO-3 keeps a gathered parameter whose next use is within this many parameters."""
+    max_live_parameters: int = 1_000_000_000
+    param_persistence_threshold: int = 100_000
+    overlap_comm: bool = True
+    accelerator: str = "cuda"
+    """``cpu`` models DeepSpeed's CPU accelerator (torch AdamW, lazily touched buffers, no CUDA context)."""
+    cuda_context_gb: float = 1.0
+    fragmentation: float = 0.10
+    host_process_gb: float = 4.0
+    gpu_memory_gb: float = 80.0
+    host_memory_gb: float = 1024.0
+    """Host memory per node."""
+    load_bytes_per_param: int | None = None
+    """Bytes per parameter while loading the model (default: the training dtype's)."""
+    counts: ParamCounts | None = None
+    """Exact parameter counts (e.g. from a meta-device model); default: analytic from ``model``."""
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; use one of {allowed}")
+        for key in ("seq_len", "micro_batch", "gpus_per_node", "nodes", "sp", "lora_r", "loss_chunk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage} is not supported; use 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage=3 (ZeRO-1/2 keep full weights on every GPU)")
+        if self.world % self.sp:
+            ok = [d for d in range(1, self.world + 1) if self.world % d == 0]
+            raise ValueError(f"sp={self.sp} does not divide the {self.world} GPUs; use one of {ok}")
+        if self.seq_len % self.sp:
+            raise ValueError(f"sp={self.sp} does not divide seq_len={self.seq_len}; use a multiple of {self.sp}")
+        if self.cpu_checkpointing and self.activation_checkpointing == "none":
+            raise ValueError("cpu_checkpointing needs activation_checkpointing='layer'")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.sp
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.micro_batch * self.seq_len // self.sp
+
+    @property
+    def group(self) -> int:
+        return self.group_size or max(2, self.seq_len // 4)
+
+    @property
+    def bytes_per_elem(self) -> int:
+        return 2 if self.dtype == "bf16" else 4
+
+    @property
+    def uses_zero_init(self) -> bool:
+        return self.zero_stage == 3 if self.zero_init is None else self.zero_init
+
+    def param_counts(self) -> ParamCounts:
+        if self.counts is not None:
+            return self.counts
+        return analytic_param_counts(
+            self.model, lora=self.lora, r=self.lora_r, targets=self.lora_targets,
+            trainable_parts=self.lora_trainable, persistence_threshold=self.param_persistence_threshold,
+        )
+
+
+# ---------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Term:
+    """One row of the table: bytes per GPU and per rank on the host."""
+
+    name: str
+    gpu: float
+    host: float = 0.0
+    phase: str = "persistent"
+    """``persistent`` (all step long), ``backward``, ``step`` (optimizer step) or ``load``."""
+    at_peak: bool = True
+    """Whether the GPU bytes are part of the per-GPU peak (phases that do not coincide are not)."""
+    note: str = ""
+
+
+@dataclass
+class MemoryEstimate:
+    """The table, the per-GPU and per-node totals, and the verdict."""
+
+    inputs: MemoryInputs
+    counts: ParamCounts
+    terms: list[Term]
+    gpu_peak: float
+    host_per_node: float
+    host_load_peak: float
+    peak_phase: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> float:
+        return self.gpu_peak
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.gpu_peak <= self.inputs.gpu_memory_gb * GiB
+
+    @property
+    def fits_host(self) -> bool:
+        return max(self.host_per_node, self.host_load_peak) <= self.inputs.host_memory_gb * GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    def term(self, name: str) -> Term:
+        for t in self.terms:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def model_state_bytes(self) -> tuple[float, float]:
+        """(per GPU, per node on the host) of parameters, gradients and optimizer states at the step."""
+        names = ("weights", "gathered params (ZeRO-3)", "gradients", "optimizer states", "fp32 gradients")
+        gpu = sum(self.term(n).gpu for n in names)
+        host = sum(self.term(n).host for n in names) * self.inputs.gpus_per_node
+        return gpu, host
+
+    def to_dict(self) -> dict:
+        i = self.inputs
+        return {
+            "model": i.model.name,
+            "inputs": {k: v for k, v in asdict(i).items() if k not in ("model", "counts")},
+            "params": asdict(self.counts),
+            "world": i.world, "dp": i.dp, "sp": i.sp, "tokens_per_rank": i.tokens_per_rank,
+            "terms_gib": {t.name: {"gpu": round(t.gpu / GiB, 3), "host_per_rank": round(t.host / GiB, 3),
+                                   "phase": t.phase, "at_peak": t.at_peak} for t in self.terms},
+            "gpu_peak_gib": round(self.gpu_peak / GiB, 3),
+            "host_per_node_gib": round(self.host_per_node / GiB, 3),
+            "host_load_peak_gib": round(self.host_load_peak / GiB, 3),
+            "peak_phase": self.peak_phase,
+            "gpu_memory_gib": i.gpu_memory_gb, "host_memory_gib": i.host_memory_gb,
+            "fits_gpu": self.fits_gpu, "fits_host": self.fits_host, "fits": self.fits,
+            "notes": list(self.notes),
+        }
+
+    def render(self) -> str:
+        from megalong.utils.memory_table import render_estimate
+
+        return render_estimate(self)
+
+
+# ---------------------------------------------------------------------------------------- activations
+def layer_activation_bytes(i: MemoryInputs) -> float:
+    """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
+    m, w = i.model, i.bytes_per_elem
+    h, kv, inter, heads = m.hidden, m.kv_dim, m.intermediate, m.heads
+    z3_keeps_inputs = i.zero_stage == 3 and i.uses_zero_init
+    lora_targets = set(i.lora_targets) if i.lora else set()
+    norms_train = not i.lora or "norm" in i.lora_trainable
+
+    def keeps_input(*projs: str) -> bool:
+        return not i.lora or z3_keeps_inputs or any(p in lora_targets for p in projs)
+
+    norm = 4 * h + 4 + (w * h if norms_train else 0)
+    total = 2 * norm
+    total += w * h if keeps_input("q_proj", "k_proj", "v_proj") else 0
+    total += w * h if keeps_input("gate_proj", "up_proj") else 0
+    total += w * inter if keeps_input("down_proj") else 0
+    total += w * i.lora_r * len(lora_targets & set(ATTN_PROJ + MLP_PROJ))
+    total += 3 * w * inter  # silu input, silu output, up (the SwiGLU product's inputs)
+    total += w * m.q_dim * 2 + 2 * w * kv  # q (after RoPE) and the attention output; k, v
+    if i.attention_kernel == "flash":
+        total += 4 * heads  # log-sum-exp per head
+    else:
+        total += 2 * w * (m.q_dim - kv)  # eager repeats k, v to every query head
+        total += (4 + w) * heads * _eager_keys(i)  # fp32 softmax output + its cast
+    if i.attention == "s2":
+        total += w * m.q_dim  # the two head-halves' outputs concatenated into a new tensor
+    if i.sp > 1 and i.attention == "s2" and i.sp_mode == "s2_halo":
+        halo = min(i.group // 2, i.seq_len - i.seq_len // i.sp) / (i.seq_len // i.sp)
+        total += w * kv * halo  # neighbour K/V of the shifted half, amortised per local token
+    return float(total)
+
+
+def _eager_keys(i: MemoryInputs) -> int:
+    return min(i.group, i.seq_len) if i.attention == "s2" else i.seq_len
+
+
+def layer_backward_temporaries(i: MemoryInputs) -> float:
+    """Per token: gradients alive at the worst moment of a layer's backward (the SwiGLU product).
+
+    The layer's output gradient (w·h), and the product's gradient plus the gradients of its two
+    factors (3·w·I) before the factors are freed; when down_proj keeps its input (it trains, or
+    zero.Init's linear), that input is freed one node earlier, so the net is 2·w·I.
+    """
+    w, m = i.bytes_per_elem, i.model
+    keeps_product = not i.lora or "down_proj" in i.lora_targets or (i.zero_stage == 3 and i.uses_zero_init)
+    return float(w * m.hidden + (2 if keeps_product else 3) * w * m.intermediate)
+
+
+def attention_workspace(i: MemoryInputs) -> float:
+    """Bytes per rank the attention kernel needs beyond its saved tensors (backward)."""
+    m, w, t = i.model, i.bytes_per_elem, i.tokens_per_rank
+    if i.attention_kernel == "eager":
+        keys = _eager_keys(i)
+        # scores and masked scores (w each) and the fp32 softmax gradient, plus the additive mask
+        return float((2 * w + 4) * m.heads * keys * t + w * i.micro_batch * keys * (i.seq_len // i.sp))
+    per_token = w * (m.q_dim + 2 * m.kv_dim)  # dq, dk, dv
+    if i.accelerator == "cuda":
+        per_token += 4 * m.q_dim  # flash-attn's fp32 dq accumulator
+    if i.attention == "s2":
+        per_token /= 2  # the two head-halves run one after the other
+    if i.sp > 1 and i.sp_mode == "ulysses":
+        per_token += w * (2 * m.q_dim + 2 * m.kv_dim)  # all-to-all send/receive copies
+    return float(per_token * t)
+
+
+def other_activations(i: MemoryInputs) -> float:
+    """Per rank: RoPE tables, the final norm (its output is the loss input), ids, labels, positions, LSE."""
+    m, w, t = i.model, i.bytes_per_elem, i.tokens_per_rank
+    return float(t * (2 * w * m.head_dim + (4 + 2 * w) * m.hidden + 4 + 3 * 8))
+
+
+def loss_buffers(i: MemoryInputs, counts: ParamCounts) -> float:
+    """Chunked cross-entropy backward (megalong.engine.loss): chunk buffers, hidden and lm_head grads."""
+    m, w, t = i.model, i.bytes_per_elem, i.tokens_per_rank
+    chunk = min(i.loss_chunk, t)
+    cast = w if w < 4 else 0  # a w-byte copy of an fp32 tensor (none when training in fp32)
+    # A chunk: w-byte matmul output, its fp32 copy (softmax - onehot, in place), the w-byte gradient;
+    # the previous chunk's fp32 logits and w-byte gradient are still referenced while it is built.
+    per_chunk = (4 + cast) * chunk * m.vocab
+    buffers = per_chunk * (2 if t > chunk else 1)
+    head_trains = not i.lora or "lm_head" in i.lora_trainable or (m.tied_embeddings and "embed" in i.lora_trainable)
+    if head_trains:  # fp32 weight gradient, plus a chunk's w-byte dW product and its fp32 copy (one chunk alive)
+        buffers = 4 * m.vocab * m.hidden + max(buffers, per_chunk + (4 + cast) * m.vocab * m.hidden)
+    return float(buffers + w * m.hidden * t)
+
+
+# ---------------------------------------------------------------------------------------- estimate
+def _model_state_terms(i: MemoryInputs, c: ParamCounts) -> list[Term]:
+    """Weights, gradients, optimizer states and the optimizer step's buffers (see the module docstring)."""
+    w, s = i.bytes_per_elem, i.world
+    z3, off_opt = i.zero_stage == 3, i.offload_optimizer
+    if not z3:
+        weights = Term("weights", w * c.total, note=f"{8 * w}-bit, whole model on every GPU")
+    elif i.offload_param:
+        weights = Term("weights", w * c.persistent, w * c.total / s, note="partitions on the host")
+    else:
+        weights = Term("weights", w * (c.total / s + c.persistent), note="ZeRO-3 partition + persistent small params")
+    gathered = 0.0
+    if z3:
+        gathered = w * c.largest_trainable_module  # a module's full gradient before its reduce-scatter
+        if s > 1:  # one rank's "all-gather" is its own partition, no copy
+            window = c.largest_module + i.prefetch_bucket_size + i.max_reuse_distance // 2
+            gathered += w * min(c.total, window, i.max_live_parameters + c.largest_module)
+    g16 = w * c.trainable * (1 if i.zero_stage == 1 else 1 / s)
+    if z3:  # a flat 16-bit gradient partition, allocated once (on the host with offload_optimizer)
+        grads = Term("gradients", 0.0 if off_opt else g16, g16 if off_opt else 0.0, note=f"{8 * w}-bit partition buffer")
+    elif off_opt and i.zero_stage == 2:  # reduced straight into the host's fp32 buffer
+        grads = Term("gradients", 0.0, note="reduced straight into the host's fp32 gradients")
+    else:  # filled during backward, freed at the step; the backward peak comes before most of it exists
+        grads = Term("gradients", g16, phase="step", note=f"{8 * w}-bit, from the end of backward to the step")
+    opt = 12 * c.trainable / s
+    fp32_grads = 4 * c.trainable / s
+    step_tmp = 0.0
+    if not off_opt:
+        adam = (8 if i.accelerator == "cpu" else 0) * c.trainable / s  # torch AdamW: sqrt(v), then its scaled copy
+        freed = g16 if i.zero_stage == 2 else 0.0  # ZeRO-2 drops its 16-bit gradients before the update
+        flat = (w if w < 4 else 0) * c.trainable / s  # fp32 training: the flattened copy is the fp32 gradient
+        step_tmp = max(flat, adam - freed)  # the flattened 16-bit copy, or Adam's temporaries
+    return [
+        weights,
+        Term("gathered params (ZeRO-3)", gathered, note="gathered modules + a module's full gradient"),
+        grads,
+        Term("optimizer states", 0.0 if off_opt else opt, opt if off_opt else 0.0, note="fp32 master + Adam m, v"),
+        Term("fp32 gradients", 0.0 if off_opt else fp32_grads, fp32_grads if off_opt else 0.0,
+             phase="persistent" if off_opt else "step", note="for the optimizer"),
+        Term("optimizer step temporaries", step_tmp, phase="step",
+             note="flattened grads" + (" / torch AdamW's sqrt(v) copies" if i.accelerator == "cpu" else "")),
+    ]
+
+
+def _comm_buffers(i: MemoryInputs, c: ParamCounts) -> Term:
+    """ZeRO's gradient reduce buckets: ZeRO-3 allocates one at start-up, ZeRO-1/2 two per backward."""
+    w = i.bytes_per_elem
+    if i.zero_stage == 3:
+        elems = i.reduce_bucket_size if i.accelerator == "cuda" else min(i.reduce_bucket_size, c.trainable)
+        return Term("reduce buckets", w * elems, note="ZeRO-3 gradient reduce bucket")
+    n_buf = 2 if i.overlap_comm else 1
+    if i.accelerator == "cuda":  # allocated whole at backward start, plus one module's gradient in flight
+        total = w * (n_buf * i.reduce_bucket_size + c.largest_trainable_module)
+    else:  # untouched CPU pages are never resident: at the backward peak one module's gradient is in
+        total = w * min(i.reduce_bucket_size, c.largest_trainable_module)
+    return Term("reduce buckets", total, phase="backward", note=f"{n_buf} ZeRO-{i.zero_stage} reduce bucket(s)")
+
+
+def _activation_terms(i: MemoryInputs, c: ParamCounts) -> list[Term]:
+    """Activation-side terms, each marked with whether it is part of the backward-phase peak."""
+    m, w, t = i.model, i.bytes_per_elem, i.tokens_per_rank
+    per_layer = layer_activation_bytes(i)
+    kept_inputs = m.layers * w * m.hidden * t
+    if i.activation_checkpointing == "none":
+        layers = Term("activations: layers", m.layers * per_layer * t, phase="backward",
+                      note=f"all {m.layers} layers, {per_layer / 1024:.1f} KiB/token/layer")
+        ckpts = Term("activations: checkpoints", 0.0, phase="backward")
+    else:
+        recompute = per_layer - (4 * m.hidden if w == 4 else 0)  # fp32: the norm keeps the checkpoint itself
+        layers = Term("activations: layers", recompute * t, phase="backward",
+                      note=f"one recomputed layer, {recompute / 1024:.1f} KiB/token")
+        if i.cpu_checkpointing:
+            ckpts = Term("activations: checkpoints", 2 * w * m.hidden * t, kept_inputs, phase="backward",
+                         note="layer inputs on the host; the GPU holds the copies in flight")
+        else:
+            ckpts = Term("activations: checkpoints", kept_inputs, phase="backward", note="each layer's input")
+    other = Term("activations: other", other_activations(i), phase="backward", note="rope, final norm, ids")
+    tmp = Term("backward temporaries", layer_backward_temporaries(i) * t, phase="backward",
+               note="a layer's output gradient + SwiGLU gradients")
+    attn = Term("attention workspace", attention_workspace(i), phase="backward",
+                note="eager softmax, O(N·K)" if i.attention_kernel == "eager" else "dq, dk, dv (+ fp32 accumulator)")
+    loss = Term("logits/loss", loss_buffers(i, c), phase="backward",
+                note=f"chunked CE, {min(i.loss_chunk, t)} tokens × {m.vocab} per chunk")
+    # The loss backward runs before any layer is recomputed; a layer's MLP and attention backward
+    # run one after the other. So the peak holds the larger of each pair, never both.
+    layer_extra = tmp if tmp.gpu >= attn.gpu else attn
+    if i.activation_checkpointing == "none":
+        winner = max((tmp, attn, loss), key=lambda x: x.gpu)
+        on_peak = {layers.name, winner.name}
+    elif layers.gpu + layer_extra.gpu >= loss.gpu:
+        on_peak = {layers.name, layer_extra.name}
+    else:
+        on_peak = {loss.name}
+    on_peak |= {ckpts.name, other.name}
+    return [replace(x, at_peak=x.name in on_peak) for x in (ckpts, layers, other, tmp, attn, loss)]
+
+
+def estimate_memory(i: MemoryInputs) -> MemoryEstimate:
+    """Per-GPU and per-node memory of one training step (see the module docstring for the model)."""
+    c = i.param_counts()
+    states = _model_state_terms(i, c) + [_comm_buffers(i, c)]
+    acts = _activation_terms(i, c)
+    persistent = sum(t.gpu for t in states if t.phase == "persistent")
+    backward = sum(t.gpu for t in acts if t.at_peak) + sum(t.gpu for t in states if t.phase == "backward")
+    step = sum(t.gpu for t in states if t.phase == "step")
+    phase = "backward" if backward >= step else "optimizer step"
+    states = [replace(t, at_peak=t.phase == "persistent" or (t.phase == "step") == (phase == "optimizer step"))
+              for t in states]
+    acts = [replace(t, at_peak=t.at_peak and phase == "backward") for t in acts]
+    peak = persistent + max(backward, step)
+    overhead = (i.cuda_context_gb * GiB + i.fragmentation * peak) if i.accelerator == "cuda" else 0.0
+    terms = states + acts
+    terms.append(Term("framework overhead", overhead, i.host_process_gb * GiB if i.accelerator == "cuda" else 0.0,
+                      note=f"CUDA context {i.cuda_context_gb:g} GiB + {i.fragmentation:.0%} fragmentation; "
+                           f"host: {i.host_process_gb:g} GiB per rank process"))
+    host_per_rank = sum(t.host for t in terms)
+    return MemoryEstimate(
+        inputs=i, counts=c, terms=terms, gpu_peak=peak + overhead,
+        host_per_node=host_per_rank * i.gpus_per_node, host_load_peak=_host_load_peak(i, c),
+        peak_phase=phase, notes=_notes(i, c),
+    )
+
+
+def _host_load_peak(i: MemoryInputs, c: ParamCounts) -> float:
+    """Host bytes per node while the model loads: every rank holds the whole model without zero.Init."""
+    b = i.load_bytes_per_param or i.bytes_per_elem
+    per_rank = b * (c.largest_module if i.uses_zero_init else c.total)
+    return float(per_rank * i.gpus_per_node + i.gpus_per_node * i.host_process_gb * GiB * (i.accelerator == "cuda"))
+
+
+def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:
+    notes = []
+    if i.sp > 1:
+        notes.append(f"sp={i.sp}: planned only; megalong's trainer does not run sequence parallelism yet")
+    if i.attention == "s2" and i.attention_kernel == "flash":
+        notes.append("with flash/SDPA kernels S²-Attn saves compute, not memory (attention memory is O(N) either way)")
+    if i.zero_stage == 3 and i.uses_zero_init and i.lora:
+        notes.append("zero.Init's F.linear keeps every linear's input, frozen ones too (+w·(h+I) per token per layer)")
+    return notes
+
+
+def gib(x: float) -> float:
+    """Bytes -> GiB, rounded for tables."""
+    return round(x / GiB, 2) if math.isfinite(x) else x
+
+
+# (recipe overrides that apply it, MemoryInputs changes), cheapest in step time first
+_REMEDIES: list[tuple[str, dict]] = [
+    ("--train.activation_checkpointing=deepspeed", {"activation_checkpointing": "layer"}),
+    ("--zero.stage=3", {"zero_stage": 3}),
+    ("--zero.offload_optimizer=true", {"offload_optimizer": True}),
+    ("--train.activation_checkpointing=deepspeed --train.cpu_checkpointing=true",
+     {"activation_checkpointing": "layer", "cpu_checkpointing": True}),
+    ("--zero.stage=3 --zero.offload_param=true", {"zero_stage": 3, "offload_param": True}),
+]
+
+
+def suggest(i: MemoryInputs, limit: int = 3) -> list[tuple[str, MemoryEstimate]]:
+    """Up to ``limit`` combinations of one or two remedies (as recipe overrides) that make ``i`` fit."""
+    import itertools
+
+    found: list[tuple[str, MemoryEstimate]] = []
+    for size in (1, 2):
+        for combo in itertools.combinations(_REMEDIES, size):
+            changes: dict = {}
+            for _, ch in combo:
+                changes.update(ch)
+            if all(getattr(i, k) == v for k, v in changes.items()):
+                continue
+            try:
+                est = estimate_memory(replace(i, **changes))
+            except ValueError:
+                continue
+            if est.fits:
+                found.append((" ".join(name for name, _ in combo), est))
+        if found:
+            break
+    found.sort(key=lambda x: x[1].gpu_peak)
+    return found[:limit]
