@@ -28,17 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     from megalong.config import ConfigError
-    from megalong.eval import load_eval_model
+    from megalong.eval.loading import load_model_and_tokenizer
 
     try:
-        model, device = load_eval_model(args.model, dtype=args.dtype, device=args.device)
+        model, tok, device = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     ctx = getattr(model.config, "max_position_embeddings", None)

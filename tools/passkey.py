@@ -25,18 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from megalong.config import ConfigError
-    from megalong.eval import load_eval_model, run_passkey
+    from megalong.eval import run_passkey
+    from megalong.eval.loading import load_model_and_tokenizer
     from megalong.eval.passkey import plot_heatmap
 
     try:
-        model, device = load_eval_model(args.model, dtype=args.dtype, device=args.device)
+        model, tok, device = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     report = run_passkey(
         model, lambda s: tok.encode(s, add_special_tokens=False), lambda ids: tok.decode(ids),
         args.lengths, trials=args.trials, depths=args.depths, seed=args.seed, device=device,

@@ -39,6 +39,19 @@ def load_eval_model(model_dir: str | Path, *, dtype: str = "auto", device: str |
     return model, dev
 
 
+def load_model_and_tokenizer(model_dir: str | Path, *, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer, device) from an exported HF directory that holds tokenizer files too."""
+    from transformers import AutoTokenizer
+
+    model, dev = load_eval_model(model_dir, dtype=dtype, device=device)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{model_dir} has no loadable tokenizer ({e}); tools/convert_to_hf.py copies the "
+                          "base model's tokenizer files into its output") from None
+    return model, tok, dev
+
+
 def check_data_fits_model(prefix: str, vocab_size: int) -> None:
     """A data file whose token ids exceed the model's vocabulary cannot be evaluated with it."""
     from megalong.data.indexed import check_tokenizer_matches

@@ -112,3 +112,21 @@ def test_prompt_places_key_at_depth_and_length():
         assert text.count("12345") == 2 and len(ids) <= 2000 and len(ids) > 1800
         pos = text.index("12345") / len(text)
         assert abs(pos - depth) < 0.1
+
+
+def test_eval_ppl_cli_on_a_real_model_and_a_too_large_vocabulary(assets, tmp_path, capsys):
+    import json
+
+    from megalong.models import create_model, save_hf_model
+    from tests.conftest import tiny_config
+    from tools import eval_ppl
+
+    good, small = tmp_path / "good", tmp_path / "small"
+    save_hf_model(create_model(tiny_config("llama", vocab_size=assets["vocab_size"])), good)
+    assert eval_ppl.main(["--model", str(good), "--data", assets["valid"], "--seq-len", "64",
+                          "--protocol", "standard", "--max-windows", "4"]) == 0
+    res = json.loads(capsys.readouterr().out.strip())
+    assert res["protocol"] == "standard" and res["windows"] == 4 and res["ppl"] > 1
+    save_hf_model(create_model(tiny_config("llama", vocab_size=96)), small)
+    assert eval_ppl.main(["--model", str(small), "--data", assets["valid"], "--seq-len", "64"]) == 2
+    assert "vocabulary has only 96" in capsys.readouterr().err
