@@ -129,3 +129,40 @@ def test_nan_policy_skip_skips_the_step_and_matches_a_run_without_it(assets, tmp
     assert all(np.isfinite(recs[s]["loss"]) for s in (1, 3, 4, 5, 6))
     assert ckpt.read_meta(run / "checkpoints", "step_00000006") is not None
     clean_shm()
+
+
+ZERO_INIT_PROBE = r"""
+import json, sys
+from pathlib import Path
+from megalong.config import config_from_dict
+from megalong.config.deepspeed import render_deepspeed_config
+from megalong.engine.setup import build_model, materialize_base_model
+from megalong.data.tokenizer import load_tokenizer
+from megalong.parallel.dims import ParallelDims, init_distributed
+cfg = config_from_dict(json.loads(sys.argv[1]))
+init_distributed(60)
+dims = ParallelDims.from_env(1).build()
+base = materialize_base_model(cfg, Path(cfg.train.run_dir), load_tokenizer(cfg.model.tokenizer), True, lambda: None)
+model, _ = build_model(cfg, base, render_deepspeed_config(cfg, 1, "cpu"), dims)
+frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+print(json.dumps({"frozen": len(frozen), "partitioned": sum(hasattr(p, "ds_id") for p in frozen),
+                  "local_numel": sum(p.numel() for p in frozen), "full_numel": sum(p.ds_numel for p in frozen)}))
+"""
+
+
+def test_zero3_loads_the_base_partitioned(assets, tmp_path):
+    """Under ZeRO-3 the base model is built inside zero.Init: no rank ever holds the whole of it."""
+    import subprocess
+    import sys
+
+    from tests.assets import REPO, free_port, rank_env
+
+    cfg = tiny_run_config(assets, tmp_path / "run")
+    res = subprocess.run([sys.executable, "-c", ZERO_INIT_PROBE, json.dumps(cfg)], cwd=REPO,
+                         env=rank_env(0, 1, free_port()),
+                         capture_output=True, text=True, timeout=300)
+    clean_shm()
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["frozen"] > 0 and out["partitioned"] == out["frozen"]
+    assert out["local_numel"] == 0 and out["full_numel"] > 100_000
