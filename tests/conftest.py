@@ -30,7 +30,12 @@ def tiny_config(family: str = "llama", **over):
 
 @pytest.fixture(autouse=True, scope="session")
 def _clean_dev_shm():
-    """DeepSpeed CPU runs leave ~66 MiB allreduce buffers in /dev/shm; remove ours at the end."""
+    """DeepSpeed CPU runs leave ~66 MiB allreduce buffers in /dev/shm; remove ours at the end.
+    Also drop stale JIT-build locks (a killed build leaves one, and the next load would hang)."""
+    from pathlib import Path
+
+    for lock in (Path(__file__).resolve().parents[1] / ".torch_extensions").glob("**/lock"):
+        lock.unlink(missing_ok=True)
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     yield
     for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
