@@ -79,18 +79,23 @@ def train(cfg) -> int:
     from megalong.engine.checkpoint import CheckpointError
     from megalong.engine.trainer import NonFiniteLossError, Trainer
 
+    trainer = Trainer(cfg)
+    code, finished = 0, False
     try:
-        trainer = Trainer(cfg).setup()
+        trainer.setup()
         trainer.train()
+        finished = True
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
     except DataFileError as e:
         print(f"data error: {e}", file=sys.stderr)
-        return EXIT_DATA
+        code = EXIT_DATA
     except NonFiniteLossError as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    if trainer.is_main:
+        code = EXIT_NONFINITE
+    finally:
+        trainer.close(clean=finished)  # no barrier after an error: another rank may never get there
+    if code == 0 and trainer.is_main:
         print(f"run directory: {trainer.run_dir} (metrics.jsonl, checkpoints/, config.yaml, ds_config.json)")
-    return 0
+    return code

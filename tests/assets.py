@@ -52,7 +52,8 @@ def tiny_run_config(assets: dict, run_dir: Path, **sections) -> dict:
         "zero": {"stage": 3},
         "data": {"prefixes": [assets["train"]], "valid_prefixes": [assets["valid"]], "max_seq_len": 128},
         "train": {"run_dir": str(run_dir), "max_steps": 6, "micro_batch_size": 2, "grad_accum": 1, "lr": 5e-3,
-                  "warmup_steps": 2, "dtype": "fp32", "grad_clip": 1.0, "eval_batches": 2},
+                  "warmup_steps": 2, "dtype": "fp32", "grad_clip": 1.0, "eval_batches": 1,
+                  "eval_interval": 3},
         "checkpoint": {"save_interval": 3},
         "logging": {"log_interval": 1, "progress_bar": False},
     }
@@ -118,13 +119,18 @@ def run_ranks(cfg: dict, world: int, workdir: Path, overrides: list[str] = (), t
     return codes
 
 
-def step_losses(run_dir: Path) -> dict[int, float]:
+def step_metric(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric from a run's metrics.jsonl (steps that recorded it)."""
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+        if key in rec:
+            out[rec["step"]] = rec[key]
     return out
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return step_metric(run_dir, "loss")
 
 
 def trained_weights(run_dir: Path, tag: str = "latest") -> dict:

@@ -263,7 +263,7 @@ class TrainConfig:
     eval_interval: int = 0
     """Evaluate every this many steps (0: never during training)."""
     eval_batches: int = 4
-    """Validation batches per evaluation."""
+    """Validation size per evaluation, in global batches (train_batch rows each)."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps={self.max_steps} must be >= 0")

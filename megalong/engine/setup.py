@@ -79,10 +79,12 @@ class DataBundle:
         )
 
     def valid_batches(self) -> Iterator[dict]:
+        """This rank's share of ``eval_batches`` global batches of validation rows (the same rows for
+        any rank count, so validation loss does not depend on the layout)."""
         from megalong.data.loader import ResumableLoader
 
         it = iter(ResumableLoader(self.valid, self.batch.micro_batch, self.dp_rank, self.batch.dp, consumed_samples=0))
-        for _ in range(self.cfg.train.eval_batches):
+        for _ in range(self.cfg.train.eval_batches * self.batch.grad_accum):
             yield next(it)
 
     def probe_batch(self) -> dict:
@@ -110,7 +112,7 @@ def build_data(cfg: Config, tokenizer, batch: BatchArithmetic, dims, barrier: Ca
     validate_data_files(cfg, tokenizer, vocab_size or tokenizer.vocab_size)
     eod = eod_id(cfg, tokenizer)
     n_train = max(1, cfg.train.max_steps) * batch.train_batch
-    n_valid = cfg.train.eval_batches * batch.micro_batch * batch.dp
+    n_valid = cfg.train.eval_batches * batch.train_batch
     datasets: dict[str, Any] = {}
     for turn in (0, 1):  # rank 0 builds the cached indices, everyone else then loads them
         if (dims.rank == 0) == (turn == 0):

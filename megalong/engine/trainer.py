@@ -87,13 +87,12 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg
+        if ckpt.complete_tags(self.ckpt_dir) and self.resume_tag is None:  # every rank checks: all stop
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints and checkpoint.resume={cfg.checkpoint.resume!r}; "
+                "continue it with --checkpoint.resume=auto or choose a new --train.run_dir"
+            )
         if self.is_main:
-            has_ckpt = bool(ckpt.complete_tags(self.ckpt_dir))
-            if has_ckpt and self.resume_tag is None:
-                raise ConfigError(
-                    f"{self.run_dir} already holds checkpoints and checkpoint.resume={cfg.checkpoint.resume!r}; "
-                    "continue it with --checkpoint.resume=auto or choose a new --train.run_dir"
-                )
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             write_deepspeed_config(self.ds_config, self.run_dir / "ds_config.json")
@@ -118,9 +117,9 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, mult),
         )
         self.n_params = build.count_params(self.model)
+        trainable, total = self.n_params
         self._flops_per_token = train_flops_per_token(
-            self.n_params[1], self.model.config.num_hidden_layers, self.model.config.hidden_size,
-            self.cfg.data.max_seq_len, self._attn_span(),
+            total, trainable, self.model.config.num_hidden_layers, self.model.config.hidden_size, self._attn_span()
         )
 
     def _attn_span(self) -> float:
@@ -378,6 +377,14 @@ class Trainer:
                 "the restored weights are not the saved ones (mismatched base model or a damaged checkpoint)"
             )
         log.info("probe loss after resume %.6f matches the saved %.6f", now, saved)
+
+    def close(self, clean: bool = True) -> None:
+        """Tear down the process groups (after a barrier when every rank got here cleanly): leaving
+        them to interpreter exit lets gloo's threads abort the process ("terminate called ...")."""
+        if dist.is_initialized():
+            if clean and dist.get_world_size() > 1:
+                dist.barrier()
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> dict:

@@ -25,13 +25,15 @@ def device_peak_tflops() -> float | None:
     return None
 
 
-def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, attn_span: float) -> float:
-    """Model FLOPs per trained token: 6·P for the matmuls plus attention scores and values.
+def train_flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, attn_span: float) -> float:
+    """Model FLOPs per trained token (for MFU).
 
-    ``attn_span``: mean number of keys a query sees (N/2 for causal full attention, G/2 for S²-Attn).
-    Forward attention is 2 matmuls × 2 FLOPs × hidden × span per layer; backward doubles it twice over.
+    Matmuls: forward 2·P, backward 2·P for the input gradients plus 2·P_trainable for the weight
+    gradients (6·P for full fine-tuning; ~4·P with LoRA, whose frozen weights get no gradient).
+    Attention: forward 2 matmuls × 2 FLOPs × hidden × span per layer, backward twice that;
+    ``attn_span`` is the mean number of keys a query sees (N/2 causal full, G/2 for S²-Attn).
     """
-    return 6.0 * n_params + 3.0 * n_layers * 4.0 * hidden * attn_span
+    return 4.0 * n_params + 2.0 * n_trainable + 3.0 * n_layers * 4.0 * hidden * attn_span
 
 
 def peak_memory_gb() -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.assets import clean_shm, run_ranks, step_losses, tiny_run_config, trained_weights
+from tests.assets import clean_shm, run_ranks, step_losses, step_metric, tiny_run_config, trained_weights
 
 pytestmark = pytest.mark.dist
 
@@ -54,6 +54,10 @@ def _assert_same_run(run_dir, reference, rtol=1e-5, atol=1e-6):
     assert sorted(losses) == sorted(ref_losses) == list(range(1, 7))
     torch.testing.assert_close(torch.tensor([losses[s] for s in sorted(losses)]),
                                torch.tensor([ref_losses[s] for s in sorted(ref_losses)]), rtol=rtol, atol=atol)
+    val, ref_val = step_metric(run_dir, "val_loss"), step_metric(ref_dir, "val_loss")
+    assert sorted(val) == sorted(ref_val) == [3, 6]
+    for s in val:  # validation: the same rows for any layout, full attention
+        assert val[s] == pytest.approx(ref_val[s], rel=rtol, abs=atol)
     weights = trained_weights(run_dir)
     assert sorted(weights) == sorted(ref_weights)
     assert any("lora_B" in k for k in weights) and any("embed_tokens" in k for k in weights)
