@@ -38,8 +38,3 @@ class TrainModule(nn.Module):
             kwargs["segment_ids"] = segment_ids
         out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         return self.loss_head(out.last_hidden_state, labels)
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Full logits (for small probes and tests only)."""
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits

@@ -16,7 +16,7 @@ from torch import nn
 
 from megalong.config.deepspeed import BatchArithmetic
 from megalong.config.schema import Config, ConfigError
-from megalong.lora import apply_lora_plus, count_parameters
+from megalong.lora import apply_lora_plus
 from megalong.models import (
     DTYPES,
     RopeScaling,
@@ -168,12 +168,12 @@ def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
 
 
 def _check_sliding_window(cfg: Config, hf_config: Any) -> None:
+    """Mistral-style sliding windows: S²-Attn groups must fit inside the window (fail before training)."""
     window = sliding_window_of(hf_config)
     if window is not None and cfg.attention.train == "s2" and cfg.group_size > window:
-        log.warning(
-            "%s has sliding_window=%d < S²-Attn group size %d: megalong's attention ignores the window during "
-            "training; set attention.group_size <= %d to stay inside it", hf_config.model_type, window,
-            cfg.group_size, window,
+        raise ConfigError(
+            f"{hf_config.model_type} has sliding_window={window} but the S²-Attn group size is {cfg.group_size}: "
+            f"a group would reach past the window; set attention.group_size <= {window}"
         )
 
 
@@ -238,7 +238,3 @@ def enable_activation_checkpointing(cfg: Config, model: nn.Module, ds_config: di
 
     deepspeed.checkpointing.configure(DeepSpeedMPU(dims), deepspeed_config=ds_config)
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    return count_parameters(model)

@@ -29,6 +29,7 @@ from megalong.config.schema import Config, ConfigError
 from megalong.engine import checkpoint as ckpt
 from megalong.engine import setup as build
 from megalong.engine.schedule import lr_multiplier
+from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
 from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, train_flops_per_token
 
@@ -116,7 +117,7 @@ class Trainer:
             mpu=DeepSpeedMPU(self.dims),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, mult),
         )
-        self.n_params = build.count_params(self.model)
+        self.n_params = count_parameters(self.model)
         trainable, total = self.n_params
         self._flops_per_token = train_flops_per_token(
             total, trainable, self.model.config.num_hidden_layers, self.model.config.hidden_size, self._attn_span()
