@@ -6,6 +6,7 @@ Each is a plain function of the config so the dry run, the tools and the tests r
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,7 +95,10 @@ class DataBundle:
 
 
 def validate_data_files(cfg: Config, tokenizer, vocab_size: int) -> None:
-    """Every data file opens cleanly and was written with a tokenizer that fits this model."""
+    """Every data file opens cleanly and was written with a tokenizer that fits this model.
+
+    Runs on every rank before the rank-0-first index build, so bad data stops all ranks at once
+    instead of leaving the others waiting at a barrier."""
     from megalong.data.indexed import IndexedDataset, check_tokenizer_matches
 
     for prefix in list(cfg.data.prefixes) + list(cfg.data.valid_prefixes):
@@ -133,21 +137,22 @@ def materialize_base_model(cfg: Config, run_dir: Path, tokenizer, is_main: bool,
     if cfg.model.name_or_path is not None:
         return Path(cfg.model.name_or_path)
     base_dir = run_dir / "base_model"
+    hf_cfg = build_hf_config(cfg.model)  # every rank checks, so a bad config stops all of them
+    if hf_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.init_config vocab_size={hf_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ({tokenizer.name}); set vocab_size >= {tokenizer.vocab_size}"
+        )
     if is_main and not (base_dir / "config.json").is_file():
         from megalong.data.tokenizer import save_hf_tokenizer
 
-        hf_cfg = build_hf_config(cfg.model)
-        if hf_cfg.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.init_config vocab_size={hf_cfg.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} ({tokenizer.name}); set vocab_size >= {tokenizer.vocab_size}"
-            )
         if tokenizer.eos_id is not None:
             hf_cfg.eos_token_id = tokenizer.eos_id
         if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
             hf_cfg.bos_token_id = tokenizer.bos_id
         model = create_model(hf_cfg, dtype=torch.float32, seed=cfg.train.seed)
         tmp = base_dir.with_name(".base_model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         save_hf_model(model, tmp)
         save_hf_tokenizer(tokenizer_spec(cfg), tmp)
         tmp.rename(base_dir)
