@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from pathlib import Path
@@ -175,6 +174,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (round-trips through load_config)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-
-def config_fingerprint(cfg: Config) -> str:
-    return json.dumps(config_to_dict(cfg), sort_keys=True)

@@ -30,8 +30,9 @@ import torch
 from megalong.config.loader import config_from_dict
 from megalong.config.schema import Config, ConfigError
 from megalong.engine import checkpoint as ckpt
+from megalong.engine.setup import base_hf_config
 from megalong.lora.plus import ADAPTER_NAME, lora_scale, merge_lora_weight
-from megalong.models import apply_rope_scaling, build_hf_config, plan_rope_scaling, write_config_json
+from megalong.models import build_hf_config, write_config_json
 
 log = logging.getLogger("megalong")
 
@@ -221,8 +222,7 @@ def _copy_tokenizer(rc: RunCheckpoint, base_dir: Path, out_dir: Path) -> None:
 def export_config(rc: RunCheckpoint, base_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
     from transformers import GenerationConfig
 
-    hf_cfg = build_hf_config(type(rc.cfg.model)(name_or_path=str(base_dir)))
-    apply_rope_scaling(hf_cfg, plan_rope_scaling(hf_cfg, rc.cfg.rope, rc.cfg.rope_target_length))
+    hf_cfg, _ = base_hf_config(rc.cfg, base_dir)
     if dtype is not None:
         hf_cfg.dtype = dtype
     write_config_json(hf_cfg, out_dir)

@@ -34,8 +34,8 @@ log = logging.getLogger("megalong")
 
 
 # ---------------------------------------------------------------- tokenizer
-def tokenizer_spec(cfg: Config, base_dir: Path | None = None) -> str:
-    spec = cfg.model.tokenizer or cfg.model.name_or_path or (str(base_dir) if base_dir else None)
+def tokenizer_spec(cfg: Config) -> str:
+    spec = cfg.model.tokenizer or cfg.model.name_or_path
     if spec is None:
         raise ConfigError("model.init_config builds a new model: set model.tokenizer (an HF dir or a .model file)")
     return spec
@@ -183,17 +183,20 @@ def _check_sliding_window(cfg: Config, hf_config: Any) -> None:
 
 
 def base_hf_config(cfg: Config, base_dir: Path) -> tuple[Any, RopeScaling | None]:
-    """The base model's config with the run's RoPE scaling applied."""
-    hf_cfg = build_hf_config(replace(cfg.model, name_or_path=str(base_dir), init_config=None)
-                             if cfg.model.init_config is not None else cfg.model)
+    """The config of the base model in ``base_dir`` with the run's RoPE scaling applied."""
+    hf_cfg = build_hf_config(replace(cfg.model, name_or_path=str(base_dir), init_config=None))
     scaling = plan_rope_scaling(hf_cfg, cfg.rope, cfg.rope_target_length)
     apply_rope_scaling(hf_cfg, scaling)
     return hf_cfg, scaling
 
 
-def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=None) -> tuple[nn.Module, Any]:
-    """Base model (under zero.Init with ZeRO-3) + RoPE scaling + attention + LoRA+ + activation ckpt."""
-    hf_cfg, scaling = base_hf_config(cfg, base_dir)
+def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=None,
+                base: tuple[Any, RopeScaling | None] | None = None) -> tuple[nn.Module, Any]:
+    """Base model (under zero.Init with ZeRO-3) + RoPE scaling + attention + LoRA+ + activation ckpt.
+
+    ``base``: the ``base_hf_config(cfg, base_dir)`` result when the caller already has it.
+    """
+    hf_cfg, scaling = base if base is not None else base_hf_config(cfg, base_dir)
     _check_sliding_window(cfg, hf_cfg)
     if tokenizer is not None and hf_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(

@@ -73,9 +73,9 @@ class Trainer:
         self._prepare_run_dir()
         self.tokenizer = build.load_run_tokenizer(cfg)
         self.base_dir = build.materialize_base_model(cfg, self.run_dir, self.tokenizer, self.is_main, self._barrier)
-        vocab = build.base_hf_config(cfg, self.base_dir)[0].vocab_size
-        self.data = build.build_data(cfg, self.tokenizer, self.batch, self.dims, self._barrier, vocab)
-        self.model, self.rope = build.build_model(cfg, self.base_dir, self.ds_config, self.dims, self.tokenizer)
+        base = build.base_hf_config(cfg, self.base_dir)
+        self.data = build.build_data(cfg, self.tokenizer, self.batch, self.dims, self._barrier, base[0].vocab_size)
+        self.model, self.rope = build.build_model(cfg, self.base_dir, self.ds_config, self.dims, self.tokenizer, base)
         self._build_engine()
         if self.resume_tag is not None:
             self.load(self.resume_tag)
@@ -403,10 +403,6 @@ class Trainer:
     def _restore_signal_handlers(self, old: dict) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-    @property
-    def stopped_by_signal(self) -> bool:
-        return self._stop_signal is not None
 
 
 _MODEL_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")

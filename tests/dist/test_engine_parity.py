@@ -193,6 +193,12 @@ def test_conversion_refuses_bad_inputs_and_writes_nothing(reference, tmp_path, a
         export_hf(empty, tmp_path / "out1")
     assert not (tmp_path / "out1").exists()
 
+    moved = tmp_path / "moved_base"  # --base: the named directory is used (its config too), not the recorded one
+    shutil.copytree(run / "base_model", moved)
+    out = export_hf(run, tmp_path / "out_moved", base=str(moved))
+    assert json.loads((out / "megalong_export.json").read_text())["base_model_dir"] == str(moved)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
+
     other = tmp_path / "other_base"
     from megalong.models import create_model, save_hf_model
     from tests.conftest import tiny_config
