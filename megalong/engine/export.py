@@ -7,6 +7,8 @@
         │                                   base model dir (recorded in the run), streamed shard by shard
         ▼                                                  ▼
     W' = W + (α/r)·B·A for LoRA targets, trained tensor for embed/norm, base tensor otherwise
+    (tied embeddings: the reader names the one shared tensor twice, embed_tokens and lm_head;
+     it is written once, as the base model stores it, and config.json keeps tie_word_embeddings)
         ▼
     OUT_DIR.tmp/  model-0000k-of-0000n.safetensors + index, config.json (rope_scaling,
                   max_position_embeddings), generation_config.json, tokenizer  ──rename──►  OUT_DIR
@@ -102,6 +104,52 @@ def trained_tensors(rc: RunCheckpoint) -> dict[str, torch.Tensor]:
     return out
 
 
+def tied_aliases(hf_cfg, trust_remote_code: bool = False) -> dict[str, str]:
+    """``{alias: canonical}`` for parameters the model holds under two names (tied embeddings).
+
+    Read from the model's structure (a skeleton on the meta device), not from a list of names:
+    with ``tie_word_embeddings`` the output head's weight *is* the input embedding's, and
+    ``named_parameters()`` names it once, first as ``model.embed_tokens.weight``.
+    """
+    from megalong.models import create_model
+
+    with torch.device("meta"):
+        skeleton = create_model(hf_cfg, trust_remote_code=trust_remote_code)
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def fold_tied(trained: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One entry per shared parameter: DeepSpeed's zero_to_fp32 reader names a tied tensor under
+    both names (``model.embed_tokens.weight`` and ``lm_head.weight``); keep the canonical name.
+
+    Raises ExportError when the two copies differ: then the checkpoint did not come from a model
+    that ties them, and writing either would silently drop trained values.
+    """
+    out = dict(trained)
+    for alias, canonical in aliases.items():
+        if alias not in out:
+            continue
+        t = out.pop(alias)
+        if canonical not in out:
+            out[canonical] = t
+        elif out[canonical].shape != t.shape or not torch.equal(out[canonical], t):
+            same_shape = out[canonical].shape == t.shape
+            diff = f"max |diff| {(out[canonical] - t).abs().max().item():.3g}" if same_shape else "shapes differ"
+            raise ExportError(
+                f"the base model ties {alias} to {canonical} (tie_word_embeddings), but the checkpoint holds "
+                f"different tensors for them ({diff}): the run was trained on a model that does not tie them; "
+                "pass its base model with --base"
+            )
+    return out
+
+
 @dataclass
 class MergePlan:
     """What to do to each base tensor: add a LoRA delta, replace it, or copy it."""
@@ -149,10 +197,18 @@ def iter_base_tensors(base_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, t
 
 
-def merged_tensors(base_dir: Path, plan: MergePlan, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base tensors with the plan applied, checking that every trained tensor found its base tensor."""
+def merged_tensors(base_dir: Path, plan: MergePlan, dtype: torch.dtype | None,
+                   aliases: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base tensors with the plan applied, checking that every trained tensor found its base tensor.
+
+    ``aliases`` (from ``tied_aliases``): base tensors stored under a tied alias (some checkpoints keep
+    ``lm_head.weight`` beside a tied embedding) are left out; the model reloads them tied.
+    """
     pending = set(plan.lora) | set(plan.replace)
+    aliases = aliases or {}
     for key, t in iter_base_tensors(base_dir):
+        if key in aliases:
+            continue
         out_dtype = dtype or t.dtype
         if key in plan.lora:
             a, b = plan.lora[key]
@@ -219,10 +275,13 @@ def _copy_tokenizer(rc: RunCheckpoint, base_dir: Path, out_dir: Path) -> None:
         save_hf_tokenizer(rc.cfg.model.tokenizer, out_dir)
 
 
-def export_config(rc: RunCheckpoint, base_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
+def export_config(rc: RunCheckpoint, base_dir: Path, out_dir: Path, dtype: torch.dtype | None,
+                  hf_cfg=None) -> None:
+    """config.json (the base's, tie_word_embeddings included, with the run's RoPE) + generation config."""
     from transformers import GenerationConfig
 
-    hf_cfg, _ = base_hf_config(rc.cfg, base_dir)
+    if hf_cfg is None:
+        hf_cfg, _ = base_hf_config(rc.cfg, base_dir)
     if dtype is not None:
         hf_cfg.dtype = dtype
     write_config_json(hf_cfg, out_dir)
@@ -257,9 +316,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, tag: str = "latest", 
     out_dir = Path(out_dir)
     tmp = _staging(out_dir)
     try:
-        plan = plan_merge(trained_tensors(rc), rc.cfg)
-        write_shards(merged_tensors(base_dir, plan, dtype), tmp, max_shard_bytes)
-        export_config(rc, base_dir, tmp, dtype)
+        hf_cfg, _ = base_hf_config(rc.cfg, base_dir)
+        aliases = tied_aliases(hf_cfg, rc.cfg.model.trust_remote_code)
+        plan = plan_merge(fold_tied(trained_tensors(rc), aliases), rc.cfg)
+        write_shards(merged_tensors(base_dir, plan, dtype, aliases), tmp, max_shard_bytes)
+        export_config(rc, base_dir, tmp, dtype, hf_cfg)
         _copy_tokenizer(rc, base_dir, tmp)
         (tmp / "megalong_export.json").write_text(json.dumps(
             {"run_dir": str(rc.run_dir), "tag": rc.tag, "step": rc.meta["step"], "base_model_dir": str(base_dir),
@@ -292,11 +353,12 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, tag: str = "late
     tmp = _staging(out_dir)
     try:
         hf_cfg = build_hf_config(type(rc.cfg.model)(name_or_path=str(base_dir)))
+        aliases = tied_aliases(hf_cfg, rc.cfg.model.trust_remote_code)
         with torch.device("meta"):
             skeleton = apply_lora_plus(create_model(hf_cfg), rc.cfg.lora)
         known = {n for n, p in skeleton.named_parameters()}
         state = {}
-        for name, t in trained_tensors(rc).items():
+        for name, t in fold_tied(trained_tensors(rc), aliases).items():
             key = _PEFT_PREFIX + name
             if key not in known:
                 raise ExportError(f"trained tensor {name} has no place in a LoRA+ model of {base_dir}: "

@@ -3,6 +3,7 @@
 from megalong.lora.plus import (
     apply_lora_plus,
     count_parameters,
+    embeddings_tied,
     export_peft_adapter,
     lora_scale,
     merge_lora,
@@ -14,6 +15,6 @@ from megalong.lora.plus import (
 )
 
 __all__ = [
-    "apply_lora_plus", "count_parameters", "export_peft_adapter", "lora_scale", "merge_lora", "merge_lora_weight",
-    "modules_to_save_for", "to_peft_adapter_key", "trainable_module_names", "trainable_state_names",
+    "apply_lora_plus", "count_parameters", "embeddings_tied", "export_peft_adapter", "lora_scale", "merge_lora",
+    "merge_lora_weight", "modules_to_save_for", "to_peft_adapter_key", "trainable_module_names", "trainable_state_names",
 ]

@@ -106,15 +106,30 @@ def to_peft_adapter_key(name: str) -> str:
     return _LORA_KEY.sub(lambda m: "." + m.group(1) + (m.group(2) or ""), name)
 
 
-def modules_to_save_for(model: nn.Module, parts: Iterable[str]) -> list[str]:
-    """Short module names for peft's ``modules_to_save`` (matched by suffix of the module path)."""
-    names = trainable_module_names(model, parts)
+def embeddings_tied(model: nn.Module) -> bool:
+    """True when the output head's weight *is* the input embedding's (``tie_word_embeddings``)."""
     base = unwrap_peft(model)
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
     head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    if "embed" in parts and head is not None and head.weight is embed.weight:
-        short = sorted(set(short) | {"lm_head"})  # tied: peft must replace both copies
-    return short
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _short_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def modules_to_save_for(model: nn.Module, parts: Iterable[str]) -> list[str]:
+    """Short module names for peft's ``modules_to_save`` (matched by suffix of the module path).
+
+    With tied embeddings, training either one trains both: peft keeps a copy per listed module,
+    so both the embedding and the head are listed (and loaded with the same tensor).
+    """
+    parts = set(parts)
+    names = trainable_module_names(model, parts)
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    if parts & {"embed", "lm_head"} and embeddings_tied(model):
+        base = unwrap_peft(model)
+        short |= {_short_name(model, base.get_input_embeddings()), _short_name(model, base.get_output_embeddings())}
+    return sorted(short)
 
 
 def export_peft_adapter(
@@ -140,20 +155,34 @@ def export_peft_adapter(
         raise ConfigError("lora.enabled is false (full fine-tune): there is no adapter to export; export a model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = unwrap_peft(model)
     modules_to_save = modules_to_save_for(model, cfg.trainable)
+    tied = embeddings_tied(model) and bool(set(cfg.trainable) & {"embed", "lm_head"})
+    extra = {}
+    if tied and "ensure_weight_tying" in getattr(PeftLoraConfig, "__dataclass_fields__", {}):
+        extra["ensure_weight_tying"] = True  # peft keeps its two copies tied (merge_and_unload stays tied)
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none",
-        modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path,
+        modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path, **extra,
     )
     peft_cfg.save_pretrained(str(out_dir))
     tensors = {to_peft_adapter_key(k): v.detach().to("cpu").contiguous().clone() for k, v in trainable_state.items()}
-    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    if "lm_head" in modules_to_save and head is not None and head.weight is embed.weight:
-        embed_key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
-        tensors[embed_key.replace("model.embed_tokens.weight", "lm_head.weight")] = tensors[embed_key].clone()
+    if tied:  # one trained tensor, stored under both names: peft loads each module's copy by its own name
+        embed_key, head_key = _tied_state_keys(model)
+        present = [k for k in (embed_key, head_key) if k in tensors]
+        if not present:
+            raise ValueError(f"trainable_state holds neither {embed_key} nor {head_key} of the tied embedding")
+        for k in (embed_key, head_key):
+            tensors.setdefault(k, tensors[present[0]].clone())
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def _tied_state_keys(model: nn.Module) -> tuple[str, str]:
+    """State keys of the input embedding's and the output head's weight, as names in ``model``."""
+    base = unwrap_peft(model)
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    mods = {id(m): n for n, m in model.named_modules()}
+    return mods[id(embed)] + ".weight", mods[id(head)] + ".weight"
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
