@@ -146,3 +146,59 @@ def clean_shm() -> None:
             os.remove(path)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- exports and the deepspeed launcher
+def launcher_env() -> dict:
+    """Environment for the real ``deepspeed`` launcher: rank_env without the per-rank variables."""
+    env = rank_env(0, 1, 0)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def build_megalong_model(cfg, base_dir: Path, trained: dict):
+    """A model as megalong holds it after training: base (with the run's RoPE scaling) + LoRA+ +
+    ``trained`` tensors (HF-side names, as ``trained_tensors`` returns them), full attention, eval mode."""
+    from megalong.attention import use_full_attention
+    from megalong.engine.setup import base_hf_config
+    from megalong.lora import apply_lora_plus
+    from megalong.models import create_model
+
+    hf_cfg, _ = base_hf_config(cfg, Path(base_dir))
+    model = apply_lora_plus(create_model(hf_cfg, path=str(base_dir)), cfg.lora)
+    prefix = "base_model.model." if cfg.lora.enabled else ""
+    _, unexpected = model.load_state_dict({prefix + k: v for k, v in trained.items()}, strict=False)
+    assert not unexpected, unexpected
+    use_full_attention(model)
+    return model.eval()
+
+
+def megalong_model(run_dir: Path, tag: str = "latest"):
+    """(model, RunCheckpoint) of a run's checkpoint: see ``build_megalong_model``."""
+    from megalong.engine.export import open_checkpoint, trained_tensors
+
+    rc = open_checkpoint(run_dir, tag)
+    return build_megalong_model(rc.cfg, rc.base_dir, trained_tensors(rc)), rc
+
+
+def real_rows(assets: dict, n: int = 100):
+    """Two rows of ``n`` real tokens from one validation document, shape (2, n) int64."""
+    import numpy as np
+    import torch
+
+    from megalong.data import IndexedDataset
+
+    ds = IndexedDataset(assets["valid"])
+    doc = next(ds[i] for i in range(len(ds)) if len(ds[i]) > 2 * n)
+    return torch.as_tensor(np.stack([doc[:n], doc[n:2 * n]]).astype(np.int64))
+
+
+def safetensors_of(model_dir: Path) -> dict:
+    """Every tensor of an HF model directory's *.safetensors files."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
