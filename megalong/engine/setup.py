@@ -28,7 +28,6 @@ from megalong.models import (
     save_hf_model,
     unwrap_peft,
 )
-from megalong.models.families import sliding_window_of
 
 log = logging.getLogger("megalong")
 
@@ -137,15 +136,10 @@ def materialize_base_model(cfg: Config, run_dir: Path, tokenizer, is_main: bool,
     if cfg.model.name_or_path is not None:
         return Path(cfg.model.name_or_path)
     base_dir = run_dir / "base_model"
-    hf_cfg = build_hf_config(cfg.model)  # every rank checks, so a bad config stops all of them
-    if hf_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.init_config vocab_size={hf_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} ({tokenizer.name}); set vocab_size >= {tokenizer.vocab_size}"
-        )
     if is_main and not (base_dir / "config.json").is_file():
         from megalong.data.tokenizer import save_hf_tokenizer
 
+        hf_cfg = build_hf_config(cfg.model)
         if tokenizer.eos_id is not None:
             hf_cfg.eos_token_id = tokenizer.eos_id
         if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
@@ -172,19 +166,13 @@ def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
         use_full_attention(model, backend=cfg.attention.backend)
 
 
-def _check_sliding_window(cfg: Config, hf_config: Any) -> None:
-    """Mistral-style sliding windows: S²-Attn groups must fit inside the window (fail before training)."""
-    window = sliding_window_of(hf_config)
-    if window is not None and cfg.attention.train == "s2" and cfg.group_size > window:
-        raise ConfigError(
-            f"{hf_config.model_type} has sliding_window={window} but the S²-Attn group size is {cfg.group_size}: "
-            f"a group would reach past the window; set attention.group_size <= {window}"
-        )
+def base_hf_config(cfg: Config, base_dir: Path | None = None) -> tuple[Any, RopeScaling | None]:
+    """The config of the base model in ``base_dir`` with the run's RoPE scaling applied.
 
-
-def base_hf_config(cfg: Config, base_dir: Path) -> tuple[Any, RopeScaling | None]:
-    """The config of the base model in ``base_dir`` with the run's RoPE scaling applied."""
-    hf_cfg = build_hf_config(replace(cfg.model, name_or_path=str(base_dir), init_config=None))
+    Without ``base_dir``: the recipe's own model (its directory, or ``model.init_config``), as the
+    start-up checks see it before any base directory has been written."""
+    model_cfg = cfg.model if base_dir is None else replace(cfg.model, name_or_path=str(base_dir), init_config=None)
+    hf_cfg = build_hf_config(model_cfg)
     scaling = plan_rope_scaling(hf_cfg, cfg.rope, cfg.rope_target_length)
     apply_rope_scaling(hf_cfg, scaling)
     return hf_cfg, scaling
@@ -197,12 +185,6 @@ def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=No
     ``base``: the ``base_hf_config(cfg, base_dir)`` result when the caller already has it.
     """
     hf_cfg, scaling = base if base is not None else base_hf_config(cfg, base_dir)
-    _check_sliding_window(cfg, hf_cfg)
-    if tokenizer is not None and hf_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"base model {base_dir} has vocab_size={hf_cfg.vocab_size} < tokenizer {tokenizer.name} "
-            f"({tokenizer.vocab_size}): the tokenizer does not belong to this model; set model.tokenizer"
-        )
     hf_ds = None
     if cfg.zero.stage == 3 and cfg.model.zero_init is not False:
         from transformers.integrations import HfDeepSpeedConfig

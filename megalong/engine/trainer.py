@@ -28,6 +28,7 @@ from megalong.config.loader import config_to_dict, save_config
 from megalong.config.schema import Config, ConfigError
 from megalong.engine import checkpoint as ckpt
 from megalong.engine import setup as build
+from megalong.engine.checks import Finding, raise_on_errors, run_checks
 from megalong.engine.schedule import lr_multiplier
 from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
@@ -57,21 +58,18 @@ class Trainer:
     def setup(self) -> Trainer:
         cfg = self.cfg
         init_distributed(cfg.parallel.init_timeout_s)
-        self.dims = ParallelDims.from_env(cfg.parallel.sp).build()
-        if self.dims.sp > 1:
-            raise ConfigError(
-                f"parallel.sp={self.dims.sp}: sequence-parallel training is not implemented yet; use parallel.sp=1"
-            )
-        self.rank, self.is_main = self.dims.rank, self.dims.rank == 0
-        self.batch = batch_arithmetic(cfg, self.dims.dp)
         from deepspeed.accelerator import get_accelerator
 
         self.accelerator = get_accelerator().device_name()
         self.device = torch.device(get_accelerator().current_device_name())
+        self.tokenizer = build.load_run_tokenizer(cfg)
+        self.preflight(dist.get_world_size() if dist.is_initialized() else 1, self.accelerator, self.tokenizer)
+        self.dims = ParallelDims.from_env(cfg.parallel.sp).build()
+        self.rank, self.is_main = self.dims.rank, self.dims.rank == 0
+        self.batch = batch_arithmetic(cfg, self.dims.dp)
         self.ds_config = render_deepspeed_config(cfg, self.dims.dp, self.accelerator)
         self.resume_tag = ckpt.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
         self._prepare_run_dir()
-        self.tokenizer = build.load_run_tokenizer(cfg)
         self.base_dir = build.materialize_base_model(cfg, self.run_dir, self.tokenizer, self.is_main, self._barrier)
         base = build.base_hf_config(cfg, self.base_dir)
         self.data = build.build_data(cfg, self.tokenizer, self.batch, self.dims, self._barrier, base[0].vocab_size)
@@ -81,6 +79,20 @@ class Trainer:
             self.load(self.resume_tag)
         self.loader = self.data.train_loader(self.consumed_samples)
         return self
+
+    def preflight(self, world: int, accelerator: str, tokenizer=None) -> list[Finding]:
+        """The start-up checks of this recipe on ``world`` ranks (megalong.engine.checks, the same
+        ones ``--dry-run`` reports); raises ConfigError listing every error. Every rank runs them,
+        so a bad recipe stops all ranks before any of them waits at a barrier."""
+        cfg = self.cfg
+        tokenizer = tokenizer if tokenizer is not None else build.load_run_tokenizer(cfg)
+        hf_cfg, _ = build.base_hf_config(cfg)
+        findings = run_checks(cfg, hf_cfg, world, accelerator, tokenizer.vocab_size, tokenizer.name)
+        raise_on_errors(findings)
+        for f in findings:
+            if f.level == "warn":
+                log.warning("%s: %s", f.what, f.message)
+        return findings
 
     def _barrier(self) -> None:
         if dist.is_initialized():

@@ -72,15 +72,6 @@ class ParallelDims:
         r = self.rank if rank is None else rank
         return list(range(r % self.sp, self.world, self.sp))
 
-    def check_model(self, num_heads: int, num_kv_heads: int, mode: str) -> None:
-        """Sequence-parallel constraints that depend on the model (Ulysses splits heads)."""
-        if self.sp > 1 and mode == "ulysses" and num_kv_heads % self.sp != 0:
-            ok = [d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0]
-            raise ConfigError(
-                f"parallel.sp={self.sp} does not divide {num_kv_heads} KV heads (Ulysses splits heads); "
-                f"use parallel.sp in {ok} or parallel.sp_mode=s2_halo"
-            )
-
     def build(self) -> ParallelDims:
         """Create the sp, dp and model-parallel (self) groups; every rank must call this."""
         if not dist.is_initialized():

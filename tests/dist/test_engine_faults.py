@@ -84,6 +84,7 @@ def _corrupt_copy(assets, tmp_path, how):
     ("vocab", 4, "vocabulary has only"),
     ("config", 2, "does not divide"),
     ("group", 2, "attention.group_size"),
+    ("window", 2, "set attention.group_size <= 16"),
 ])
 def test_bad_input_fails_before_training(assets, tmp_path, case, expect_code, needle):
     run = tmp_path / "run"
@@ -95,6 +96,8 @@ def test_bad_input_fails_before_training(assets, tmp_path, case, expect_code, ne
         overrides = ["--parallel.sp=3"]
     elif case == "group":
         overrides = ["--attention.group_size=33"]
+    elif case == "window":  # a Mistral whose sliding window is smaller than the S²-Attn group (32)
+        cfg["model"]["init_config"].update(model_type="mistral", sliding_window=16)
     codes = run_ranks(cfg, 1, tmp_path / "logs", overrides=overrides, expect=None)
     log = read_logs(tmp_path / "logs")
     assert codes == [expect_code], log

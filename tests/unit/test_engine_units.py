@@ -20,8 +20,6 @@ def test_parallel_layout():
     assert groups == {(0, 1), (2, 3), (4, 5), (6, 7)}
     with pytest.raises(ConfigError, match="does not divide the world size 8; use one of"):
         ParallelDims(world=8, sp=3)
-    with pytest.raises(ConfigError, match="Ulysses"):
-        ParallelDims(world=8, sp=4).check_model(num_heads=8, num_kv_heads=2, mode="ulysses")
 
 
 def test_lr_schedules():
@@ -76,14 +74,3 @@ def test_metrics_writer_appends_json_lines(tmp_path):
     w.close()
     assert [r["loss"] for r in read_metrics(tmp_path)] == [2.0, 1.5]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
-
-
-def test_s2_groups_must_fit_a_mistral_sliding_window():
-    from megalong.config import config_from_dict
-    from megalong.engine.setup import _check_sliding_window
-    from tests.conftest import tiny_config
-
-    cfg = config_from_dict({"model": {"init_config": {"model_type": "mistral"}}, "data": {"max_seq_len": 512}})
-    with pytest.raises(ConfigError, match="set attention.group_size <= 64"):
-        _check_sliding_window(cfg, tiny_config("mistral", sliding_window=64))
-    _check_sliding_window(cfg, tiny_config("mistral", sliding_window=4096))  # G = 128 fits

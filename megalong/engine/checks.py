@@ -1,0 +1,158 @@
+"""Run checks: every check that needs the config *and* the model, in one place.
+
+    recipe (validated tree) + base HF config (RoPE applied) + world size + accelerator (+ tokenizer)
+        └─ run_checks() ─► [Finding(level, what, message), ...]
+              ├─ Trainer.setup:  raise_on_errors(findings)   (before any weight is built)
+              └─ --dry-run:      the same findings in the report; any error -> verdict INVALID, exit 1
+
+Checks that need one config section only live in that section's ``__post_init__``
+(megalong.config.schema); checks that need data files or checkpoints live where those are read.
+Whatever depends on the recipe together with the model, the cluster layout or the accelerator
+is here, so the dry run and the trainer can never disagree about a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megalong.config.deepspeed import batch_arithmetic, render_deepspeed_config
+from megalong.config.schema import Config, ConfigError
+
+LEVELS = ("ok", "warn", "error")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of a run check."""
+
+    level: str
+    """``ok``, ``warn`` or ``error``."""
+    what: str
+    """The area: ``parallel``, ``batch``, ``attention``, ``model``, ``tokenizer``."""
+    message: str
+    """What was found and, for warnings and errors, what to do."""
+
+
+def _heads(hf: Any) -> tuple[int, int]:
+    heads = int(hf.num_attention_heads)
+    return heads, int(getattr(hf, "num_key_value_heads", None) or heads)
+
+
+def check_layout(cfg: Config, world: int) -> list[Finding]:
+    """world = dp × sp, and the sequence length splits over sp."""
+    sp = cfg.parallel.sp
+    if world < 1:
+        return [Finding("error", "parallel", f"world size {world} must be >= 1")]
+    if world % sp:
+        options = [d for d in range(1, world + 1) if world % d == 0]
+        return [Finding("error", "parallel", f"parallel.sp={sp} does not divide the world size {world}; "
+                                             f"use one of {options}")]
+    out = []
+    if sp > 1:
+        out.append(Finding("error", "parallel", f"parallel.sp={sp}: sequence-parallel training is not built yet; "
+                                                "use parallel.sp=1 (the memory plan already models sp)"))
+        n = cfg.data.max_seq_len
+        if n % sp:
+            out.append(Finding("error", "parallel", f"parallel.sp={sp} does not divide data.max_seq_len={n}; use a "
+                                                    f"length that is a multiple of {sp} (e.g. {n - n % sp})"))
+    else:
+        out.append(Finding("ok", "parallel", f"world {world} = dp {world // sp} × sp {sp}"))
+    return out
+
+
+def check_heads(cfg: Config, hf: Any) -> list[Finding]:
+    """Head counts against GQA and Ulysses' head split."""
+    heads, kv = _heads(hf)
+    if heads % kv:
+        return [Finding("error", "model", f"num_attention_heads={heads} is not a multiple of "
+                                          f"num_key_value_heads={kv}: not a valid GQA model")]
+    sp = cfg.parallel.sp
+    if sp > 1 and cfg.parallel.sp_mode == "ulysses" and kv % sp:
+        ok = [d for d in range(1, kv + 1) if kv % d == 0]
+        return [Finding("error", "parallel", f"parallel.sp={sp} does not divide the {kv} KV heads (Ulysses splits "
+                                             f"heads); use parallel.sp in {ok} or parallel.sp_mode=s2_halo")]
+    return []
+
+
+def check_batch(cfg: Config, world: int) -> list[Finding]:
+    """The batch arithmetic and the DeepSpeed JSON it is rendered into (template found and valid)."""
+    if world % cfg.parallel.sp:
+        return []  # reported by check_layout
+    dp = world // cfg.parallel.sp
+    try:
+        b = batch_arithmetic(cfg, dp)
+        render_deepspeed_config(cfg, dp, accelerator="cuda")
+    except ConfigError as e:
+        return [Finding("error", "deepspeed", str(e))]
+    return [Finding("ok", "batch", f"train_batch {b.train_batch} = micro {b.micro_batch} × "
+                                   f"accum {b.grad_accum} × dp {dp}")]
+
+
+def check_attention(cfg: Config, hf: Any, accelerator: str) -> list[Finding]:
+    """S²-Attn groups against the model's sliding window; kernels against the accelerator."""
+    from megalong.models.families import sliding_window_of
+
+    out = []
+    window = sliding_window_of(hf)
+    if window is not None and "s2" in (cfg.attention.train, cfg.attention.eval) and cfg.group_size > window:
+        out.append(Finding("error", "attention",
+                           f"{hf.model_type} has sliding_window={window} but the S²-Attn group size is "
+                           f"{cfg.group_size}: a group would reach past the window; set attention.group_size <= "
+                           f"{window} (or a smaller attention.group_size_ratio)"))
+    if cfg.attention.backend == "flash":
+        if accelerator == "cpu":
+            out.append(Finding("error", "attention", "attention.backend=flash needs CUDA GPUs (flash-attn); on CPU "
+                                                     "use attention.backend=sdpa"))
+        else:
+            out.append(Finding("ok", "attention", "backend=flash: the GPU nodes need flash-attn installed"))
+    if cfg.attention.backend == "reference":
+        out.append(Finding("warn", "attention", "backend=reference materialises N×N masks (tests only); "
+                                                "use sdpa or flash"))
+    return out
+
+
+def check_vocab(hf: Any, tokenizer_vocab: int | None, tokenizer_name: str = "the tokenizer") -> list[Finding]:
+    """Every token id the tokenizer can produce has an embedding row."""
+    if tokenizer_vocab is None:
+        return [Finding("warn", "tokenizer", "tokenizer not available here: its vocabulary was not checked")]
+    if int(hf.vocab_size) < tokenizer_vocab:
+        return [Finding("error", "tokenizer",
+                        f"the model's vocab_size={hf.vocab_size} is smaller than {tokenizer_name}'s {tokenizer_vocab} "
+                        "tokens: the tokenizer does not belong to this model; set model.tokenizer to the model's "
+                        f"own tokenizer (or, for model.init_config, vocab_size >= {tokenizer_vocab})")]
+    return []
+
+
+def run_checks(cfg: Config, hf: Any, world: int, accelerator: str = "cuda",
+               tokenizer_vocab: int | None = None, tokenizer_name: str = "the tokenizer") -> list[Finding]:
+    """All checks of ``cfg`` against the base model's config ``hf`` on ``world`` ranks.
+
+    Args:
+        cfg: the validated config tree.
+        hf: the base model's HF config (RoPE scaling applied).
+        world: number of ranks (nodes × GPUs per node).
+        accelerator: ``cuda`` or ``cpu`` (DeepSpeed accelerator name).
+        tokenizer_vocab: the tokenizer's vocabulary size, when the tokenizer is at hand.
+        tokenizer_name: how to call the tokenizer in messages.
+    """
+    return [
+        *check_layout(cfg, world),
+        *check_heads(cfg, hf),
+        *check_batch(cfg, world),
+        *check_attention(cfg, hf, accelerator),
+        *check_vocab(hf, tokenizer_vocab, tokenizer_name),
+    ]
+
+
+def errors(findings: list[Finding]) -> list[str]:
+    """The error findings as ``what: message`` lines."""
+    return [f"{f.what}: {f.message}" for f in findings if f.level == "error"]
+
+
+def raise_on_errors(findings: list[Finding]) -> None:
+    """Raise one ConfigError listing every error finding (the trainer's verdict)."""
+    errs = errors(findings)
+    if errs:
+        lines = "\n  ".join(errs)
+        raise ConfigError(f"{len(errs)} problem(s) with this run (--dry-run reports the same):\n  {lines}")

@@ -1,0 +1,145 @@
+"""One home for run checks: the dry run and the trainer's start-up give the same verdict.
+
+Every shipped recipe and a set of broken ones go through both ``dry_run`` (what ``--dry-run``
+prints and its exit code follows) and ``Trainer.preflight`` (what ``Trainer.setup`` raises before
+any weight is built). Model directories the recipes name are stood in for by directories holding
+the published architecture's config.json and a real tokenizer, so both sides read real files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megalong.config import load_config
+from megalong.config.schema import ConfigError
+from megalong.engine import checks
+from megalong.engine.dryrun import dry_run
+from megalong.engine.trainer import Trainer
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+WORLD = {"tiny_cpu": 2, "tiny_base_cpu": 2}  # others: one 8-GPU node
+
+
+@pytest.fixture(scope="module")
+def model_dirs(assets, tmp_path_factory):
+    """Stand-ins for the model directories the recipes name: config.json + the test tokenizer."""
+    import shutil
+
+    from megalong.utils.model_shapes import known_arch_config
+
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+    for arch in ("llama2-7b", "llama2-13b", "llama2-70b"):
+        d = root / arch
+        d.mkdir()
+        known_arch_config(arch).to_json_file(str(d / "config.json"))
+        shutil.copytree(assets["tokenizer"], d, dirs_exist_ok=True)
+        made[arch] = d
+    tiny = root / "tiny"
+    tiny.mkdir()
+    tiny_config("llama", vocab_size=assets["vocab_size"], max_position_embeddings=256).to_json_file(
+        str(tiny / "config.json"))
+    shutil.copytree(assets["tokenizer"], tiny, dirs_exist_ok=True)
+    made["tiny"] = tiny
+    mistral = root / "mistral"
+    mistral.mkdir()
+    tiny_config("mistral", vocab_size=assets["vocab_size"], sliding_window=64).to_json_file(
+        str(mistral / "config.json"))
+    shutil.copytree(assets["tokenizer"], mistral, dirs_exist_ok=True)
+    made["mistral"] = mistral
+    return made
+
+
+def _recipe(path: Path, model_dirs: dict, assets: dict, extra: list[str] = ()):
+    raw = path.read_text()
+    over = []
+    if "init_config" in raw:
+        over.append(f"--model.tokenizer={assets['tokenizer']}")
+    else:
+        arch = next((a for a in ("llama2-70b", "llama2-13b", "llama2-7b") if f"arch: {a}" in raw), "tiny")
+        over.append(f"--model.name_or_path={model_dirs[arch]}")
+    return load_config(path, over + list(extra))
+
+
+def _verdicts(cfg, world: int, accelerator: str = "cuda") -> tuple[list[str], list[str]]:
+    """(dry-run errors, trainer start-up errors) for the same recipe and world size."""
+    report = dry_run(cfg, nodes=1, gpus_per_node=world)
+    try:
+        Trainer(cfg).preflight(world, accelerator)
+        trainer = []
+    except ConfigError as e:
+        trainer = [line.strip() for line in str(e).splitlines()[1:]]
+    return report.errors, trainer
+
+
+def _same(dry: list[str], trainer: list[str]) -> None:
+    assert len(dry) == len(trainer), (dry, trainer)
+    for line in trainer:  # the dry run may add where the world size came from
+        assert any(d.startswith(line) for d in dry), (line, dry)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_passes_both(path, model_dirs, assets):
+    cfg = _recipe(path, model_dirs, assets)
+    dry, trainer = _verdicts(cfg, WORLD.get(path.stem, 8))
+    assert dry == [] and trainer == [], (dry, trainer)
+
+
+BROKEN = {
+    # recipe, world, overrides, a phrase of the fix
+    "sliding_window": ("tiny_cpu", 2, ["--model.name_or_path={mistral}", "--attention.group_size=128"],
+                       "set attention.group_size <= 64"),
+    "sp_world": ("llama2_7b_100k", 8, ["--parallel.sp=3"], "does not divide the world size 8"),
+    "sp_not_built": ("llama2_7b_100k", 8, ["--parallel.sp=2"], "not built yet"),
+    "sp_length": ("tiny_cpu", 2, ["--parallel.sp=2", "--data.max_seq_len=1023", "--attention.group_size=254"],
+                  "does not divide data.max_seq_len=1023"),
+    "ulysses_heads": ("tiny_cpu", 4, ["--parallel.sp=4", "--parallel.sp_mode=ulysses"],
+                      "does not divide the 2 KV heads"),
+    "vocab": ("tiny_base_cpu", 2, ["--model.init_config.vocab_size=100"], "smaller than"),
+    "template": ("tiny_cpu", 2, ["--zero.template=no_such.json"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_recipes_fail_both_with_the_same_errors(case, model_dirs, assets):
+    name, world, extra, phrase = BROKEN[case]
+    extra = [e.format(mistral=model_dirs["mistral"]) for e in extra]
+    cfg = _recipe(REPO / "launch" / "configs" / f"{name}.yaml", model_dirs, assets, extra)
+    dry, trainer = _verdicts(cfg, world)
+    assert trainer and any(phrase in t for t in trainer), (phrase, trainer)
+    _same(dry, trainer)
+    assert not dry_run(cfg, nodes=1, gpus_per_node=world).fits
+
+
+def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])
+    from megalong.engine.setup import base_hf_config
+
+    hf, _ = base_hf_config(cfg)
+    on_cpu = checks.errors(checks.run_checks(cfg, hf, 2, "cpu", 512))
+    assert on_cpu and "attention.backend=sdpa" in on_cpu[0]
+    assert checks.errors(checks.run_checks(cfg, hf, 2, "cuda", 512)) == []
+    with pytest.raises(ConfigError, match="needs CUDA GPUs"):
+        Trainer(cfg).preflight(2, "cpu")
+
+
+def test_dry_run_exit_code_follows_the_verdict(model_dirs, assets, tmp_path):
+    """The entry point's --dry-run exits 1 on a recipe the trainer would refuse, 0 on a good one."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, str(REPO / "launch" / "pretrain_extend.py"), "--config",
+            str(REPO / "launch" / "configs" / "tiny_cpu.yaml"), "--dry-run", "--gpus-per-node", "2",
+            f"--model.name_or_path={model_dirs['mistral']}"]
+    bad = subprocess.run(base + ["--attention.group_size=128"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert "INVALID" in bad.stdout and "sliding_window=64" in bad.stdout
+    summary = json.loads(bad.stdout.strip().splitlines()[-1])
+    assert summary["errors"] and not summary["fits"]
+    good = subprocess.run(base + ["--attention.group_size=64"], capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-2000:]
