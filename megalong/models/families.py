@@ -1,13 +1,22 @@
 """Per-family notes: which HF decoders megalong has tested, and what differs between them.
 
-| family  | GQA | notes                                                                |
-|---------|-----|----------------------------------------------------------------------|
-| llama   | yes | Llama 2 (MHA, 4k) / Llama 3 (GQA, rope_theta 5e5, llama3 rope type) |
-| mistral | yes | sliding_window in config: S²-Attn groups must fit inside it          |
-| qwen2   | yes | q/k/v biases (LoRA targets unchanged); small sizes tie lm_head/embed |
+| family  | GQA | notes                                                                        |
+|---------|-----|------------------------------------------------------------------------------|
+| llama   | yes | Llama 2 (MHA, 4k, untied) / Llama 3 (GQA, rope_theta 5e5, llama3 rope type; |
+|         |     | 3.2-1B/3B tie lm_head to embed) / SmolLM (9 query over 3 KV heads, tied)    |
+| mistral | yes | sliding_window in config: S²-Attn groups must fit inside it                 |
+| qwen2   | yes | q/k/v biases (LoRA targets unchanged); small sizes tie lm_head/embed        |
 
 All three route attention through transformers' AttentionInterface, which is how S²-Attn is
 plugged in (megalong.attention). Other decoders that do the same usually work; they get a warning.
+
+Tied embeddings (``tie_word_embeddings``): the output head's weight *is* the input embedding, so
+LoRA+ trains one tensor. DeepSpeed's checkpoint reader names it twice; the exports write it once
+(merged dir: no ``lm_head.weight``, config keeps the tie; adapter: both modules in
+``modules_to_save`` with ``ensure_weight_tying``). Every row above — Llama 2, Llama 3 (tied),
+Mistral (window), Qwen2 (biases, tied), 9/3 heads (tied) — is trained through the ``deepspeed``
+launcher, exported both ways and reloaded in stock transformers/peft with equal logits in
+tests/e2e/test_families.py.
 """
 
 from __future__ import annotations
