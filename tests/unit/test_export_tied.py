@@ -22,7 +22,7 @@ VOCAB = 96
 FAKE_ASSETS = {"tokenizer": None, "vocab_size": VOCAB, "train": "unused", "valid": "unused"}
 
 
-def _fake_run(tmp_path, monkeypatch, family="llama", trainable=("embed", "norm"), tie=True, **init):
+def _fake_run(tmp_path, monkeypatch, family="llama", trainable=("embed", "norm"), tie=True, lora=True, **init):
     """A base model dir + a stand-in checkpoint; export's checkpoint readers are pointed at them."""
     from megalong.config.schema import ModelConfig
     from megalong.engine.setup import base_hf_config
@@ -33,7 +33,7 @@ def _fake_run(tmp_path, monkeypatch, family="llama", trainable=("embed", "norm")
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=64, tie_word_embeddings=tie, **init)
     cfg = config_from_dict(tiny_run_config(FAKE_ASSETS, tmp_path / "run", model={"init_config": init_config},
-                                           lora={"trainable": list(trainable)}))
+                                           lora={"trainable": list(trainable), "enabled": lora}))
     base = tmp_path / "base"
     torch.manual_seed(0)
     save_hf_model(create_model(build_hf_config(ModelConfig(init_config=init_config))), base)
@@ -142,3 +142,17 @@ def test_tying_is_read_from_the_structure_not_from_names():
     assert tied_aliases(cfg(False)) == {}  # qwen2 declares _tied_weights_keys either way
     untied = {"lm_head.weight": torch.ones(2), "model.embed_tokens.weight": torch.zeros(2)}
     assert fold_tied(untied, {}) == untied
+
+
+def test_tied_full_fine_tune_exports_the_shared_tensor_once(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    rc, trained = _fake_run(tmp_path, monkeypatch, lora=False)
+    assert "lm_head.weight" in trained and "model.layers.0.self_attn.q_proj.weight" in trained
+    out = export.export_hf(rc.run_dir, tmp_path / "hf")
+    sd = safetensors_of(out)
+    assert "lm_head.weight" not in sd and sorted(sd) == sorted(k for k in trained if k != "lm_head.weight")
+    stock = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert stock.lm_head.weight is stock.get_input_embeddings().weight
+    for k, v in stock.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0, msg=k)
