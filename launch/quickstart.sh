@@ -33,10 +33,10 @@ start=$(date +%s)
 say() { printf '\n\033[1m== [%4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true; }
 trap cleanup_shm EXIT
-PORT=$(( 29500 + RANDOM % 1000 ))
+free_port() { $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 launch() {  # launch <config> <overrides...>: the real deepspeed launcher, QS_RANKS local ranks
-  "$DS" --num_gpus "$QS_RANKS" --master_port "$PORT" launch/pretrain_extend.py --config "$@" \
-    --logging.progress_bar=false
+  # progress: a tqdm bar on a terminal, else a line per log interval and at least every 20 s
+  "$DS" --num_gpus "$QS_RANKS" --master_port "$(free_port)" launch/pretrain_extend.py --config "$@"
   cleanup_shm
 }
 

@@ -304,7 +304,9 @@ class LoggingConfig:
     log_interval: int = 1
     """Write metrics every this many optimizer steps."""
     progress_bar: bool = True
-    """tqdm bar on rank 0."""
+    """tqdm bar on rank 0 when stderr is a terminal; otherwise (or when false) plain progress lines."""
+    progress_interval_s: float = 20.0
+    """Progress lines: one per ``log_interval`` steps, and at least one every this many seconds."""
     tensorboard: bool = False
     """Also write TensorBoard scalars (needs the tensorboard package)."""
     level: str = "INFO"
@@ -312,6 +314,7 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check(self.log_interval >= 1, "logging.log_interval must be >= 1")
+        _check(self.progress_interval_s > 0, "logging.progress_interval_s must be > 0 (seconds)")
         _one_of("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 

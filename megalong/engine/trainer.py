@@ -33,6 +33,7 @@ from megalong.engine.schedule import lr_multiplier
 from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
 from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, train_flops_per_token
+from megalong.utils.progress import Progress
 
 log = logging.getLogger("megalong")
 
@@ -144,7 +145,7 @@ class Trainer:
         """Train until ``train.max_steps``; returns the last step's metrics."""
         cfg = self.cfg
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.is_main)
-        bar = self._progress_bar()
+        bar = self._progress()
         last: dict = {}
         old_handlers = self._install_signal_handlers()
         try:
@@ -163,8 +164,7 @@ class Trainer:
         finally:
             self._restore_signal_handlers(old_handlers)
             metrics.close()
-            if bar is not None:
-                bar.close()
+            bar.close()
         return last
 
     def _after_step(self, rec: dict, metrics: MetricsWriter, bar) -> None:
@@ -175,18 +175,16 @@ class Trainer:
         if evaluated or self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.max_steps:
             rec["mem_gb_ranks"] = self._gather_memory()
             metrics.write({k: v for k, v in rec.items() if k != "stop_signal"})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1, loss=rec["loss"], tok_s=round(rec["tokens_per_s"]))
         if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
             self.save()
 
-    def _progress_bar(self):
-        if not (self.is_main and self.cfg.logging.progress_bar):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+    def _progress(self) -> Progress:
+        """Rank 0: the tqdm bar on a terminal (logging.progress_bar), else a line per log interval
+        and at least every logging.progress_interval_s seconds."""
+        lg = self.cfg.logging
+        return Progress(self.cfg.train.max_steps, "train", initial=self.step, every=lg.log_interval,
+                        interval_s=lg.progress_interval_s, enabled=self.is_main, bar=lg.progress_bar)
 
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from megalong.engine import checkpoint as ckpt
-from tests.assets import REPO, clean_shm, free_port, rank_env, tiny_run_config
+from tests.assets import run_launcher, tiny_run_config
 
 pytestmark = pytest.mark.e2e
-
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def _launch(args: list[str], cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     cfg_path = tmp_path / "recipe.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = rank_env(0, 1, 0)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [DEEPSPEED, *args, "--master_port", str(free_port()), "launch/pretrain_extend.py",
-           "--config", str(cfg_path), "--train.max_steps=4", "--checkpoint.save_interval=2"]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    clean_shm()
+    res = run_launcher(args, ["--config", str(cfg_path), "--train.max_steps=4", "--checkpoint.save_interval=2"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res
 
@@ -53,6 +44,10 @@ def test_launcher_two_local_ranks(assets, tmp_path):
     run = tmp_path / "run"
     res = _launch(["--num_gpus", "2"], tiny_run_config(assets, run), tmp_path)
     assert "run directory:" in res.stdout
+    out = res.stdout + res.stderr  # not a terminal: a progress line per log interval (1 step here), rank 0 only
+    lines = [ln for ln in out.splitlines() if "| loss " in ln and " train " in ln]
+    assert [ln.split(" train ")[1].split(" ")[0] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], lines
+    assert "ETA" in lines[0] and "tok s" in lines[0] and "elapsed" in lines[-1] and "rank0" in lines[0]
     _check_run(run, 2)
 
 
