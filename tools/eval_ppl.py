@@ -27,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--attention", choices=["full", "s2"], default="full")
     p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / lines on stderr")
     args = p.parse_args(argv)
 
     from megalong.config import ConfigError
     from megalong.data.indexed import DataFileError, IndexedDataset
     from megalong.eval import evaluate_perplexity, load_eval_model
     from megalong.eval.loading import check_data_fits_model
+    from megalong.utils.logging import setup_logging
+
+    setup_logging("INFO", rank=0)
 
     try:
         model, device = load_eval_model(args.model, dtype=args.dtype, device=args.device,
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
         res = evaluate_perplexity(model, (ds[i] for i in range(n)), args.seq_len, args.protocol,
                                   stride=args.stride, batch_size=args.batch_size, max_windows=args.max_windows,
-                                  device=device)
+                                  device=device, progress=not args.no_progress)
     except (ConfigError, DataFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,12 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / lines on stderr")
     args = p.parse_args(argv)
 
     from megalong.config import ConfigError
     from megalong.eval import run_passkey
     from megalong.eval.loading import load_model_and_tokenizer
     from megalong.eval.passkey import plot_heatmap
+    from megalong.utils.logging import setup_logging
+    from megalong.utils.optional import MissingOptional
+
+    setup_logging("INFO", rank=0)
 
     try:
         model, tok, device = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
@@ -38,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     report = run_passkey(
         model, lambda s: tok.encode(s, add_special_tokens=False), lambda ids: tok.decode(ids),
         args.lengths, trials=args.trials, depths=args.depths, seed=args.seed, device=device,
+        progress=not args.no_progress,
     )
     summary = {"model": args.model, **report.to_dict()}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-        plot_heatmap(report, str(out.with_suffix(".png")))
+        try:
+            plot_heatmap(report, str(out.with_suffix(".png")))
+        except MissingOptional as e:  # the JSON holds every result; only the picture is missing
+            print(f"warning: {out.with_suffix('.png')} not written: {e}", file=sys.stderr)
     print(json.dumps({"model": args.model, "accuracy_by_length": summary["accuracy_by_length"]}))
     return 0
 

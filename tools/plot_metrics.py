@@ -17,8 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="PNG path")
     args = p.parse_args(argv)
 
-    import matplotlib
+    from megalong.utils.optional import MissingOptional, require
 
+    try:
+        matplotlib = require("matplotlib", "plot", "plot_metrics.py")
+    except MissingOptional as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -85,11 +85,18 @@ def run_passkey(
     depths: list[float] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> PasskeyReport:
-    """``trials`` per length at uniformly random depths, or per (length, depth) when ``depths`` is given."""
+    """``trials`` per length at uniformly random depths, or per (length, depth) when ``depths`` is given.
+
+    ``progress``: report trials done (a bar on a terminal, else a line at least every 20 s)."""
+    from megalong.utils.progress import Progress
+
     rng = random.Random(seed)
     device = torch.device(device)
     report = PasskeyReport()
+    per_length = trials * (len(depths) if depths else 1)
+    bar = Progress(per_length * len(lengths), "passkey", every=per_length, enabled=progress, unit="trial")
     for length in lengths:
         cells = [(d, t) for d in depths for t in range(trials)] if depths else [(rng.random(), t)
                                                                                 for t in range(trials)]
@@ -101,13 +108,17 @@ def run_passkey(
             found = re.search(r"\d+", answer)
             correct = found is not None and found.group() == str(key)
             report.trials.append(PasskeyTrial(length, depth, key, answer, len(prompt), correct))
+            done = [t.correct for t in report.trials if t.length == length]
+            bar.update(1, length=length, accuracy=sum(done) / len(done))
+    bar.close()
     return report
 
 
 def plot_heatmap(report: PasskeyReport, path: str) -> None:
     """Accuracy heat-map: rows are depths, columns are lengths."""
-    import matplotlib
+    from megalong.utils.optional import require
 
+    matplotlib = require("matplotlib", "plot", "the passkey heat-map")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

@@ -81,8 +81,13 @@ def evaluate_perplexity(
     batch_size: int = 1,
     max_windows: int | None = None,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (an HF causal LM in eval mode) over token documents."""
+    """Perplexity of ``model`` (an HF causal LM in eval mode) over token documents.
+
+    ``progress``: report windows scored (a bar on a terminal, else a line at least every 20 s)."""
+    from megalong.utils.progress import Progress
+
     if protocol not in ("longlora", "standard"):
         raise ValueError(f"protocol={protocol!r}: use 'longlora' or 'standard'")
     windows: list[np.ndarray] = []
@@ -105,9 +110,13 @@ def evaluate_perplexity(
     device = torch.device(device)
     total = count = 0.0
     window_means = []
+    bar = Progress(len(windows), f"ppl@{seq_len}", every=max(1, len(windows) // 10), enabled=progress,
+                   unit="window")
     for s, c in window_losses(model, windows, device, batch_size):
         total += s
         count += c
         window_means.append(s / c)
+        bar.update(1, ppl=math.exp(min(50.0, total / count)))
+    bar.close()
     loss = float(np.mean(window_means)) if protocol == "longlora" else total / count
     return PerplexityResult(protocol, seq_len, math.exp(loss), loss, int(count), len(windows), docs)

@@ -130,3 +130,27 @@ def test_eval_ppl_cli_on_a_real_model_and_a_too_large_vocabulary(assets, tmp_pat
     save_hf_model(create_model(tiny_config("llama", vocab_size=96)), small)
     assert eval_ppl.main(["--model", str(small), "--data", assets["valid"], "--seq-len", "64"]) == 2
     assert "vocabulary has only 96" in capsys.readouterr().err
+
+
+def test_passkey_cli_without_matplotlib_writes_the_json_and_says_how_to_get_the_plot(
+        assets, tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    from megalong.data.tokenizer import save_hf_tokenizer
+    from megalong.models import create_model, save_hf_model
+    from tests.conftest import tiny_config
+    from tools import passkey
+
+    model = tmp_path / "model"
+    save_hf_model(create_model(tiny_config("llama", vocab_size=assets["vocab_size"], max_position_embeddings=256)),
+                  model)
+    save_hf_tokenizer(assets["tokenizer"], model)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "not installed"
+    out = tmp_path / "pk" / "passkey"
+    assert passkey.main(["--model", str(model), "--lengths", "160", "--trials", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(out.with_suffix(".json").read_text())["accuracy_by_length"].keys() == {"160"}
+    assert not out.with_suffix(".png").exists()
+    assert "pip install 'megalong[plot]'" in captured.err and "Traceback" not in captured.err
+    assert "passkey 2/2 (100%)" in captured.err  # a progress line (stderr is not a terminal here)
