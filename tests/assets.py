@@ -111,9 +111,20 @@ def read_logs(workdir: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(workdir.glob("rank*.log")))
 
 
+PORT_TAKEN = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+def port_was_taken(text: str) -> bool:
+    """A rendezvous port picked by free_port() can be taken by someone else before rank 0 binds it."""
+    return any(m in text for m in PORT_TAKEN)
+
+
 def run_ranks(cfg: dict, world: int, workdir: Path, overrides: list[str] = (), timeout: float = 300,
               worker_args: list[str] = (), expect: int | None = 0) -> list[int]:
-    codes = wait_ranks(start_ranks(cfg, world, workdir, overrides, worker_args), workdir, timeout)
+    for _attempt in range(3):  # a new port when the one we picked was taken in the meantime
+        codes = wait_ranks(start_ranks(cfg, world, workdir, overrides, worker_args), workdir, timeout)
+        if not (any(codes) and port_was_taken(read_logs(workdir))):
+            break
     if expect is not None and any(c != expect for c in codes):
         raise AssertionError(f"exit codes {codes} (expected {expect}); logs:\n{read_logs(workdir)}")
     return codes
@@ -155,6 +166,22 @@ def launcher_env() -> dict:
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def run_launcher(launcher_args: list[str], script_args: list[str], timeout: float = 300,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed <launcher_args> --master_port P launch/pretrain_extend.py <script_args>`` from the repo
+    root; picks a new port and retries when the one picked was taken before rank 0 could bind it."""
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    for _attempt in range(3):
+        cmd = [deepspeed, *launcher_args, "--master_port", str(free_port()), "launch/pretrain_extend.py",
+               *script_args]
+        res = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+                             timeout=timeout)
+        clean_shm()
+        if res.returncode == 0 or not port_was_taken(res.stdout + res.stderr):
+            return res
+    return res
 
 
 def build_megalong_model(cfg, base_dir: Path, trained: dict):
