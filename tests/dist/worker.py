@@ -21,8 +21,17 @@ def main() -> int:
     p.add_argument("--sleep-per-step", type=float, default=0.0, help="slow training down (signal tests)")
     p.add_argument("--nan-at-micro-steps", type=int, nargs="*", default=(),
                    help="make the loss NaN (through the graph: hidden states x NaN) at these training forwards")
+    p.add_argument("--dump-first-step", default=None,
+                   help="write the full fp32 gradients of the first optimizer step and the fp32 weights before and "
+                        "after it to this .pt file (rank 0; every rank takes part in gathering them)")
+    p.add_argument("--mutate-grad-scale", type=float, default=None,
+                   help="MUTATION for checking the parity tests: scale the last rank's loss (so its gradient) by this")
     args, rest = p.parse_known_args()
     rest = [a for a in rest if a != "--"]
+    if args.dump_first_step:
+        dump_first_step(args.dump_first_step)
+    if args.mutate_grad_scale is not None:
+        mutate_grad_scale(args.mutate_grad_scale)
 
     if args.die_during_save_at is not None:
         from megalong.engine import checkpoint
@@ -68,6 +77,62 @@ def main() -> int:
     from _entry import run
 
     return run(rest, "test worker")
+
+
+def dump_first_step(path: str) -> None:
+    """Wrap the engine's step: at the first gradient-accumulation boundary save the full gradients
+    (before clipping and the update) and the fp32 weights before and after the optimizer step."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from megalong.engine.trainer import Trainer
+
+    real_build = Trainer._build_engine
+
+    def build(self):
+        real_build(self)
+        engine, real_step, done = self.engine, self.engine.step, []
+
+        def full(fn):
+            return {n: fn(p).detach().float().cpu().clone() for n, p in engine.module.named_parameters()
+                    if p.requires_grad}
+
+        def step(*a, **k):
+            if done or not engine.is_gradient_accumulation_boundary():
+                return real_step(*a, **k)
+            done.append(True)
+            grads, before = full(safe_get_full_grad), full(safe_get_full_fp32_param)
+            lr = float(self.scheduler.get_last_lr()[0])  # the LR this update uses
+            out = real_step(*a, **k)
+            after = full(safe_get_full_fp32_param)
+            if self.is_main:
+                torch.save({"grads": grads, "before": before, "after": after, "lr": lr}, path)
+            return out
+
+        engine.step = step
+
+    Trainer._build_engine = build
+
+
+def mutate_grad_scale(factor: float) -> None:
+    """A deliberate bug for checking that the parity tests catch it: the last rank's gradients x factor."""
+    import torch.distributed as dist
+
+    from megalong.engine.trainer import Trainer
+
+    real_build = Trainer._build_engine
+
+    def build(self):
+        real_build(self)
+        engine, real_backward = self.engine, self.engine.backward
+        last = dist.get_world_size() - 1 if dist.is_initialized() else 0
+
+        def backward(loss, *a, **k):
+            return real_backward(loss * factor if self.rank == last else loss, *a, **k)
+
+        engine.backward = backward
+
+    Trainer._build_engine = build
 
 
 if __name__ == "__main__":
