@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .heads import split_halves
+from .heads import HalfHeads, split_halves
 from .layout import chunk_layout
 
 _INSTALL_HINT = (
@@ -57,16 +57,19 @@ def s2_flash(
     group_size: int,
     segment_ids: torch.Tensor | None,
     scale: float | None,
+    positions: torch.Tensor | None = None,
+    halves: tuple[HalfHeads, ...] | None = None,
 ) -> torch.Tensor:
-    """S²-Attn with flash_attn_varlen_func; returns token-major (B, N, H, Dv)."""
+    """S²-Attn with flash_attn_varlen_func; returns token-major (B, N, H, Dv). ``positions`` /
+    ``halves``: see s2_attention."""
     check_flash_inputs(q)
     _, varlen = import_flash_attn()
     batch, _, seq_len, _ = q.shape
     q_f, k_f, v_f = _flat(q), _flat(k), _flat(v)  # (B·N, h, D)
     outs = []
-    for half in split_halves(q.shape[1], k.shape[1]):
+    for half in halves if halves is not None else split_halves(q.shape[1], k.shape[1]):
         offset = group_size // 2 if half.shifted else 0
-        cu, max_len = chunk_layout(batch, seq_len, segment_ids, group_size, offset, "flash", q.device)
+        cu, max_len = chunk_layout(batch, seq_len, segment_ids, group_size, offset, "flash", q.device, positions)
         q_h = q_f[:, half.q_start : half.q_end].contiguous()  # (B·N, Hh, D)
         k_h = half.select_kv(k_f, 1).contiguous()
         v_h = half.select_kv(v_f, 1).contiguous()

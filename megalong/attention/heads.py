@@ -46,24 +46,50 @@ class HalfHeads:
         return kv.index_select(dim, index)
 
 
-def half_heads(
-    q_start: int, q_end: int, num_heads: int, num_kv_heads: int, shifted: bool = False
-) -> HalfHeads:
-    """Map query heads [q_start, q_end) onto kv heads as transformers' ``repeat_kv`` does."""
-    rep = num_heads // num_kv_heads
-    kv = [h // rep for h in range(q_start, q_end)]
-    first, last = kv[0], kv[-1]
-    counts = [kv.count(i) for i in range(first, last + 1)]
-    if len(set(counts)) == 1:
-        return HalfHeads(q_start, q_end, (first, last + 1), None, shifted)
-    return HalfHeads(q_start, q_end, None, tuple(kv), shifted)
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which of a layer's heads a q/k/v tensor holds: its query heads are the model's heads
+    [q_start, q_start + H_local) of ``num_heads``; its kv heads start at kv head ⌊q_start / rep⌋,
+    rep = num_heads / num_kv_heads. The head-half (shifted or not) follows the *global* head index
+    (Ulysses gives a rank a slice of heads; the halo exchange runs one half at a time)."""
+
+    num_heads: int
+    num_kv_heads: int
+    q_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
+        if not 0 <= self.q_start < self.num_heads:
+            raise ValueError(f"q_start={self.q_start} is outside the {self.num_heads} heads")
+
+    @property
+    def rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
 
 
-def split_halves(num_heads: int, num_kv_heads: int) -> tuple[HalfHeads, ...]:
-    """The (unshifted, shifted) head-halves; a single head is all 'shifted' (⌊1/2⌋ = 0)."""
-    mid = num_heads // 2
+def split_halves(num_heads: int, num_kv_heads: int, layout: HeadLayout | None = None) -> tuple[HalfHeads, ...]:
+    """The (unshifted, shifted) head-halves of a q tensor with ``num_heads`` heads over a kv tensor with
+    ``num_kv_heads`` heads, indexed locally; a single head is all 'shifted' (⌊1/2⌋ = 0).
+
+    ``layout``: where these heads sit among the layer's (default: they are all of them)."""
+    layout = layout or HeadLayout(num_heads, num_kv_heads)
+    rep, q0 = layout.rep, layout.q_start
+    if q0 + num_heads > layout.num_heads:
+        raise ValueError(f"heads [{q0}, {q0 + num_heads}) exceed the layer's {layout.num_heads}")
+    kv0, mid = q0 // rep, layout.num_heads // 2
     halves = []
-    if mid > 0:
-        halves.append(half_heads(0, mid, num_heads, num_kv_heads))
-    halves.append(half_heads(mid, num_heads, num_heads, num_kv_heads, shifted=True))
+    for a, b, shifted in ((0, mid, False), (mid, layout.num_heads, True)):
+        lo, hi = max(a, q0), min(b, q0 + num_heads)
+        if lo >= hi:
+            continue
+        kv = [g // rep - kv0 for g in range(lo, hi)]
+        if kv[-1] >= num_kv_heads:
+            raise ValueError(f"query heads [{lo}, {hi}) need kv head {kv[-1] + kv0} but the kv tensor holds "
+                             f"{num_kv_heads} heads from kv head {kv0}")
+        counts = [kv.count(i) for i in range(kv[0], kv[-1] + 1)]
+        if len(set(counts)) == 1:
+            halves.append(HalfHeads(lo - q0, hi - q0, (kv[0], kv[-1] + 1), None, shifted))
+        else:
+            halves.append(HalfHeads(lo - q0, hi - q0, None, tuple(kv), shifted))
     return tuple(halves)

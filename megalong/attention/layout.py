@@ -149,20 +149,26 @@ class ChunkLayout:
         return SdpaPlan(tuple(batches), torch.from_numpy(gather_back).to(device))
 
 
-def _chunk_flags(starts: np.ndarray, group_size: int | None, offset: int) -> np.ndarray:
-    """(B, N) flags of chunk starts: document starts plus group cuts at (x + offset) % G == 0."""
+def _chunk_flags(starts: np.ndarray, group_size: int | None, offset: int, pos: np.ndarray | None = None) -> np.ndarray:
+    """(B, N) flags of chunk starts: document starts plus group cuts at (x + offset) % G == 0.
+
+    ``pos``: each token's position x inside its document, for rows that do not begin at a document
+    start (a sequence-parallel rank's halo + local keys); by default x counts from each row start."""
     flags = starts.copy()
     flags[:, 0] = True
+    if pos is not None:
+        flags |= pos == 0
     if group_size is not None:
-        n = starts.shape[1]
-        ar = np.broadcast_to(np.arange(n), starts.shape)
-        last = np.maximum.accumulate(np.where(flags, ar, 0), axis=1)
-        flags |= (ar - last + offset) % group_size == 0
+        if pos is None:
+            n = starts.shape[1]
+            ar = np.broadcast_to(np.arange(n), starts.shape)
+            pos = ar - np.maximum.accumulate(np.where(flags, ar, 0), axis=1)
+        flags |= (pos + offset) % group_size == 0
     return flags
 
 
-def _build_layout(starts: np.ndarray, group_size: int | None, offset: int) -> ChunkLayout:
-    flat = _chunk_flags(starts, group_size, offset).reshape(-1)
+def _build_layout(starts: np.ndarray, group_size: int | None, offset: int, pos: np.ndarray | None = None) -> ChunkLayout:
+    flat = _chunk_flags(starts, group_size, offset, pos).reshape(-1)
     chunk_starts = np.flatnonzero(flat).astype(np.int64)
     lengths = np.diff(np.append(chunk_starts, flat.size))
     return ChunkLayout(chunk_starts, lengths, int(flat.size))
@@ -217,6 +223,7 @@ def chunk_layout(
     offset: int,
     kind: str,
     device: torch.device,
+    positions: torch.Tensor | None = None,
 ):
     """Cached layout for one head-half.
 
@@ -227,21 +234,24 @@ def chunk_layout(
         offset: 0 for the unshifted half, G/2 for the shifted half.
         kind: "layout" (the ChunkLayout), "sdpa" (an SdpaPlan) or "flash" ((cu_seqlens, max_len)).
         device: where index tensors live.
+        positions: (B, N) position of each token inside its document, for rows that start inside
+            a document; by default positions count from each row's start (and document starts).
     """
     extra = (batch, seq_len, group_size, offset, kind, str(device))
-    hit = _CACHE.get((segment_ids,), extra)
+    hit = _CACHE.get((segment_ids, positions), extra)
     if hit is not None:
         return hit
     if segment_ids is None:
         starts = np.zeros((batch, seq_len), dtype=bool)
     else:
         starts = doc_starts(segment_ids).cpu().numpy()
-    layout = _build_layout(starts, group_size, offset)
+    pos = None if positions is None else positions.cpu().numpy()
+    layout = _build_layout(starts, group_size, offset, pos)
     if kind == "sdpa":
         value = layout.sdpa_plan(device)
     elif kind == "flash":
         value = (layout.cu_seqlens(device), layout.max_len)
     else:
         value = layout
-    _CACHE.put((segment_ids,), extra, value)
+    _CACHE.put((segment_ids, positions), extra, value)
     return value

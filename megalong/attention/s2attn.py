@@ -32,11 +32,13 @@ import math
 import torch
 
 from .flash import full_flash, s2_flash
+from .heads import HeadLayout, split_halves
 from .layout import combine_segments_and_padding, doc_starts, positions_in_doc
 from .sdpa import decode_mask, full_sdpa, s2_sdpa
 
 __all__ = [
     "BACKENDS",
+    "HeadLayout",
     "s2_attention",
     "full_attention",
     "s2_mask",
@@ -66,7 +68,7 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; 'sdpa' works everywhere")
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_len: bool) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_len: bool, mapped: bool = False) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4D (batch, heads, seq_len, head_dim); got {q.dim()}D, {k.dim()}D, {v.dim()}D"
@@ -77,7 +79,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_len: bool
             f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
             "q (B, H, N, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v)"
         )
-    if h % hk:
+    if h % hk and not mapped:  # with a HeadLayout, split_halves checks the mapping
         raise ValueError(f"{h} query heads are not a multiple of {hk} kv heads; GQA needs H % H_kv == 0")
     if same_len and nk != n:
         raise ValueError(
@@ -99,28 +101,38 @@ def _check_segments(segment_ids: torch.Tensor | None, batch: int, seq_len: int) 
         raise ValueError(f"segment_ids must be an integer (or bool) tensor, got {segment_ids.dtype}")
 
 
-def _doc_ids_and_positions(segment_ids: torch.Tensor | None, batch: int, seq_len: int, device):
-    """(B, N) document index and position inside the document."""
+def _doc_ids_and_positions(segment_ids: torch.Tensor | None, batch: int, seq_len: int, device,
+                           positions: torch.Tensor | None = None):
+    """(B, N) document index and position inside the document (given ``positions`` win)."""
     if segment_ids is None:
         starts = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
         starts[:, 0] = True
     else:
         starts = doc_starts(segment_ids.to(device))
+    if positions is not None:
+        positions = positions.to(device)
+        return (starts | (positions == 0)).cumsum(dim=-1), positions
     return starts.cumsum(dim=-1), positions_in_doc(starts)
 
 
 def s2_mask(
-    batch: int, num_heads: int, seq_len: int, group_size: int, segment_ids: torch.Tensor | None, device
+    batch: int, num_heads: int, seq_len: int, group_size: int, segment_ids: torch.Tensor | None, device,
+    positions: torch.Tensor | None = None, heads: HeadLayout | None = None,
 ) -> torch.Tensor:
-    """Dense (B, H, N, N) boolean S²-Attn mask straight from the formula (True = may attend)."""
-    docs, pos = _doc_ids_and_positions(segment_ids, batch, seq_len, device)
+    """Dense (B, H, N, N) boolean S²-Attn mask straight from the formula (True = may attend).
+
+    ``positions``: position of each token inside its document (default: counted from the row and
+    document starts). ``heads``: which of the layer's heads these are (the half follows the global
+    head index; default: all of them)."""
+    docs, pos = _doc_ids_and_positions(segment_ids, batch, seq_len, device, positions)
     ar = torch.arange(seq_len, device=device)
     allowed = (ar[None, :] <= ar[:, None]) & (docs[:, :, None] == docs[:, None, :])  # (B, N, N)
     halves = []
     for shift in (0, group_size // 2):
         grp = (pos + shift) // group_size  # (B, N)
         halves.append(allowed & (grp[:, :, None] == grp[:, None, :]))
-    half_of_head = torch.tensor([0] * (num_heads // 2) + [1] * (num_heads - num_heads // 2), device=device)
+    mid, q0 = (heads.num_heads // 2, heads.q_start) if heads is not None else (num_heads // 2, 0)
+    half_of_head = torch.tensor([int(q0 + h >= mid) for h in range(num_heads)], device=device)
     return torch.stack(halves, dim=1)[:, half_of_head]  # (B, H, N, N)
 
 
@@ -130,13 +142,17 @@ def full_mask(batch: int, q_len: int, kv_len: int, segment_ids: torch.Tensor | N
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None,
+    heads: HeadLayout | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention in (at least) fp32 with repeated kv heads; (B, H, Q, Dv) in q's dtype."""
-    rep = q.shape[1] // k.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    k_r = k.repeat_interleave(rep, dim=1).to(compute)  # (B, H, K, D)
-    v_r = v.repeat_interleave(rep, dim=1).to(compute)
+    if heads is None:
+        kv_of = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1])
+    else:  # local query head j is the layer's head q_start + j
+        kv_of = (torch.arange(q.shape[1], device=q.device) + heads.q_start) // heads.rep - heads.q_start // heads.rep
+    k_r = k.index_select(1, kv_of).to(compute)  # (B, H, K, D)
+    v_r = v.index_select(1, kv_of).to(compute)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.to(compute) @ k_r.transpose(-1, -2)) * scale  # (B, H, Q, K)
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -152,33 +168,52 @@ def s2_attention(
     backend: str = "sdpa",
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    q_offset: int = 0,
+    positions: torch.Tensor | None = None,
+    heads: HeadLayout | None = None,
 ) -> torch.Tensor:
     """Shifted sparse attention (LongLoRA's S²-Attn), causal and leak-free.
 
     Args:
-        q: (B, H, N, D) queries.
+        q: (B, H, N - q_offset, D) queries: the last N - q_offset positions of the keys.
         k: (B, H_kv, N, D) keys; H must be a multiple of H_kv (GQA/MQA).
         v: (B, H_kv, N, D_v) values.
         group_size: G, even; the first ⌊H/2⌋ heads attend in groups [0,G), [G,2G), …, the others
             in [0,G/2), [G/2,3G/2), … — counted from each document start.
         backend: "sdpa" (default, CPU/GPU), "flash" (flash-attn, CUDA bf16/fp16) or "reference".
-        segment_ids: optional (B, N) ints; documents (runs of equal ids) never see each other.
+        segment_ids: optional (B, N) ints over the keys; documents (runs of equal ids) never see each other.
         scale: softmax scale, default 1/sqrt(D).
+        q_offset: keys that come before the first query (a sequence-parallel halo): causality is
+            counted from the end of the keys.
+        positions: optional (B, N) position of each key inside its document, for rows that begin
+            inside a document (the group layout is counted from document starts); a position 0
+            starts a document. Default: rows begin at a document start.
+        heads: which of the layer's heads q/k/v hold (HeadLayout; the shifted half follows the
+            global head index). Default: all of them.
 
     Returns:
-        (B, H, N, D_v) attention output.
+        (B, H, N - q_offset, D_v) attention output.
     """
     check_group_size(group_size)
     _check_backend(backend)
-    _check_qkv(q, k, v, same_len=True)
-    batch, num_heads, seq_len, _ = q.shape
+    _check_qkv(q, k, v, same_len=False, mapped=heads is not None)
+    batch, num_heads, q_len, _ = q.shape
+    seq_len = k.shape[2]
+    if q_offset < 0 or q_len + q_offset != seq_len:
+        raise ValueError(f"S²-Attn needs q and k of the same length, or q_offset = N_k - N_q (got {q_len} queries, "
+                         f"{seq_len} keys, q_offset={q_offset}): use full_attention for decoding with a KV cache")
     _check_segments(segment_ids, batch, seq_len)
+    _check_segments(positions, batch, seq_len)
+    if q_offset:  # queries for the halo keys: zeros, computed and dropped (no gradient reaches them)
+        q = torch.cat([q.new_zeros(batch, num_heads, q_offset, q.shape[3]), q], dim=2)
     if backend == "reference":
-        allowed = s2_mask(batch, num_heads, seq_len, group_size, segment_ids, q.device)
-        return reference_attention(q, k, v, allowed, scale)
-    if backend == "flash":
-        return s2_flash(q, k, v, group_size, segment_ids, scale).transpose(1, 2)
-    return s2_sdpa(q, k, v, group_size, segment_ids, scale).transpose(1, 2)
+        allowed = s2_mask(batch, num_heads, seq_len, group_size, segment_ids, q.device, positions, heads)
+        out = reference_attention(q, k, v, allowed, scale, heads)
+    else:
+        halves = split_halves(num_heads, k.shape[1], heads)
+        kernel = s2_flash if backend == "flash" else s2_sdpa
+        out = kernel(q, k, v, group_size, segment_ids, scale, positions, halves).transpose(1, 2)
+    return out[:, :, q_offset:] if q_offset else out
 
 
 def full_attention(

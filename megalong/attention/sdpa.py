@@ -114,18 +114,20 @@ def s2_sdpa(
     group_size: int,
     segment_ids: torch.Tensor | None,
     scale: float | None,
+    positions: torch.Tensor | None = None,
+    halves: tuple[HalfHeads, ...] | None = None,
 ) -> torch.Tensor:
-    """S²-Attn with SDPA; returns token-major (B, N, H, Dv)."""
+    """S²-Attn with SDPA; returns token-major (B, N, H, Dv). ``positions`` / ``halves``: see s2_attention."""
     q_tok, k_tok, v_tok = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, h, D)
     batch, seq_len = q_tok.shape[:2]
-    halves = split_halves(q.shape[1], k.shape[1])
+    halves = halves if halves is not None else split_halves(q.shape[1], k.shape[1])
     outs = []
     for half, q_h, k_h, v_h in zip(halves, *split_heads(q_tok, k_tok, v_tok, halves)):
-        if segment_ids is None:
+        if segment_ids is None and positions is None:
             outs.append(_half_no_segments(q_h, k_h, v_h, group_size, half.shifted, scale))
             continue
         offset = group_size // 2 if half.shifted else 0
-        plan = chunk_layout(batch, seq_len, segment_ids, group_size, offset, "sdpa", q.device)
+        plan = chunk_layout(batch, seq_len, segment_ids, group_size, offset, "sdpa", q.device, positions)
         outs.append(_chunks_with_plan(q_h, k_h, v_h, plan, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, N, H, Dv)
 

@@ -1,0 +1,51 @@
+"""Sequence-parallel S²-Attn (halo exchange over gloo) equals single-process attention, 2 and 4 ranks.
+
+Outputs and dq, dk, dv of every rank's slice, fp32, relative to the largest reference value:
+L ≥ G and L < G (groups over 2 and 3 ranks), N not a multiple of G, GQA 9/3, MQA, odd head count,
+documents anywhere (at a rank boundary, inside a halo), left/right padding, full attention.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.assets import REPO, free_port, port_was_taken, rank_env
+
+pytestmark = pytest.mark.dist
+
+TOL = 1e-5
+
+
+def _spawn(world: int, tmp_path) -> list[dict]:
+    for _attempt in range(3):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.dist.sp_attention_worker"], cwd=REPO,
+                                  env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for r in range(world)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        if all(p.returncode == 0 for p in procs) or not port_was_taken("".join(outs)):
+            break
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return [json.loads(next(ln for ln in o.splitlines() if ln.startswith("RESULT "))[7:]) for o in outs]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_halo_attention_equals_single_process(world, tmp_path):
+    ranks = _spawn(world, tmp_path)
+    names = set(ranks[0]["results"])
+    assert len(names) >= 8
+    for rank in ranks:
+        for name, res in rank["results"].items():
+            for key in ("out", "dq", "dk", "dv"):
+                assert res[key] <= TOL, (world, rank["rank"], name, key, res[key])
+    # rank 0 never receives; the L = 2G case moves exactly the shifted half's G/2 keys and values
+    first = {r["rank"]: r["results"]["L=2G"] for r in ranks}
+    n, g, hk, d = 64, 8, 2, 16
+    per_boundary = 2 * (g // 2) * (hk // 2) * d * 4  # K and V, G/2 tokens, the shifted half's kv heads, fp32
+    assert first[world - 1]["bytes_fwd"] == 0  # the last rank sends to nobody
+    assert all(first[r]["bytes_fwd"] == per_boundary for r in range(world - 1)), first
+    assert first[0]["bytes_bwd"] == 0 and all(first[r]["bytes_bwd"] == per_boundary for r in range(1, world))
