@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,10 @@ import torch
 import yaml
 
 from tests.assets import (
-    REPO,
     clean_shm,
-    free_port,
-    launcher_env,
     megalong_model,
     real_rows,
+    run_launcher,
     safetensors_of,
     step_losses,
     tiny_run_config,
@@ -35,7 +31,6 @@ from tests.assets import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 BASE_CONTEXT = 64  # the tiny bases' max_position_embeddings; runs train at 128 (PI factor 2)
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=BASE_CONTEXT)
@@ -60,10 +55,8 @@ ROPE = {"llama3": {"type": "llama3"}}
 def _launch(cfg: dict, root: Path) -> None:
     cfg_path = root / "recipe.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain_extend.py",
-           "--config", str(cfg_path)]
     try:
-        res = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+        res = run_launcher(["--num_gpus", "2"], ["--config", str(cfg_path)])
     finally:
         clean_shm()
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
