@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
 
 
-def cpu_defaults() -> None:
-    """Sane environment for CPU-only machines; explicit settings always win."""
+def cpu_defaults() -> list[str]:
+    """Sane environment for CPU-only machines; explicit settings always win. Returns lines to log."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)")
@@ -24,11 +25,36 @@ def cpu_defaults() -> None:
         has_gpu = torch.cuda.is_available()
     except ImportError:
         has_gpu = False
+    log = []
     if not has_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        log.append(cpu_allocator())
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return log
+
+
+def cpu_allocator() -> str:
+    """Every CPU rank returns freed activation memory (megalong.utils.cpu_runtime); the user's choice wins."""
+    from megalong.utils.cpu_runtime import configure_cpu_allocator
+
+    try:
+        return configure_cpu_allocator(os.environ)
+    except ValueError as e:
+        return f"allocator: {e}; left as it is"
+
+
+def single_process_env() -> list[str]:
+    """Started without a launcher (no RANK, WORLD_SIZE, MASTER_ADDR, ...): run as a world of one."""
+    from megalong.utils.cpu_runtime import single_process_rendezvous
+
+    missing = single_process_rendezvous(os.environ)
+    if not missing:
+        return []
+    os.environ.update(missing)
+    return [f"no launcher environment: running as a single process "
+            f"(RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT={missing['MASTER_PORT']})"]
 
 
 def parse(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, list[str]]:
@@ -44,11 +70,14 @@ def parse(argv: list[str] | None, description: str) -> tuple[argparse.Namespace,
     p.add_argument("--gpus-per-node", type=int, default=8, help="dry run: GPUs per node")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="dry run: memory per GPU")
     p.add_argument("--host-memory-gb", type=float, default=1024.0, help="dry run: host memory per node")
+    p.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
+                   help="dry run: plan for GPUs (cuda) or CPU ranks (cpu: --gpus-per-node ranks per node, "
+                        "host memory is the device)")
     return p.parse_known_args(argv)
 
 
 def run(argv: list[str] | None, description: str, force_kind: str | None = None) -> int:
-    cpu_defaults()
+    setup_log = cpu_defaults()
     args, overrides = parse(argv, description)
     from megalong.config import ConfigError, load_config
     from megalong.utils.logging import setup_logging
@@ -62,11 +91,16 @@ def run(argv: list[str] | None, description: str, force_kind: str | None = None)
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.logging.level)
+    if not args.dry_run:
+        setup_log += single_process_env()
+    for line in setup_log:
+        logging.getLogger("megalong.launch").info(line)
     if args.dry_run:
         from megalong.engine.dryrun import dry_run
 
         report = dry_run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                         gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb)
+                         gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
+                         accelerator=args.accelerator)
         print(report.render())
         print(json.dumps(report.summary(), sort_keys=True))
         return 0 if report.fits else 1

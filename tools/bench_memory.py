@@ -8,13 +8,21 @@ the trainer does (megalong.engine.setup.build_model: zero.Init with ZeRO-3, LoRA
 activation checkpointing), wrap it in the chunked-loss TrainModule, deepspeed.initialize with the
 rendered JSON (torch AdamW on CPU), then two steps of forward, backward and optimizer step.
 
-Measured = the kernel's peak resident set (VmHWM, reset through /proc/self/clear_refs once the
-engine is built) minus the resident set just before the model is built. So it holds everything the
-estimate's "GPU" terms describe (weights, gradients, optimizer states, activations, loss buffers,
-reduce buckets) and excludes the interpreter, libraries and the one-off loading peak. On CPU there
-is no CUDA context and the allocator is glibc's: the worker fixes glibc's mmap threshold
-(MALLOC_MMAP_THRESHOLD_) so freed tensors go back to the kernel and RSS follows live tensors.
-Estimated = estimate_memory(accelerator="cpu") per-GPU peak (no framework overhead term).
+Measured = the kernel's peak resident set of the whole process (VmHWM, reset through
+/proc/self/clear_refs once the engine is built, so the one-off loading peak is excluded) during the
+two training steps; "above base" subtracts the resident set just before the model is built (the
+interpreter, torch, DeepSpeed, transformers). The worker applies the allocator policy the launch
+path applies to every CPU rank (megalong.utils.cpu_runtime.configure_cpu_allocator, called from
+launch/_entry.py's cpu_defaults), so the figures are what a real run sees.
+Estimated = estimate_memory(accelerator="cpu") per-rank peak: the whole process, its base included.
+
+    flock /tmp/megalong_heavy.lock python tools/bench_memory.py --only smol-z3-ckpt-s2 \
+        --allocators glibc launch env-mmap jemalloc tcmalloc      # the allocator table
+
+--allocators runs each configuration once per allocator: ``launch`` (what launch/_entry.py does),
+``glibc`` (glibc's dynamic mmap threshold, MEGALONG_CPU_MALLOC=glibc), ``env-mmap`` (the same fixed
+threshold through MALLOC_MMAP_THRESHOLD_=131072, set before the process starts) and ``jemalloc`` /
+``tcmalloc`` (LD_PRELOAD, where the Debian libraries are installed).
 """
 
 from __future__ import annotations
@@ -36,9 +44,16 @@ BENCH_MODEL = dict(
     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+SMOL_MODEL = dict(  # SmolLM-135M's shape: 24 layers, 9 query / 3 KV heads, tied 49k vocabulary
+    model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 MODELS = {
     "v32k": BENCH_MODEL,  # 58M params: Llama-2's vocabulary, so the loss buffers are realistic
     "v4k": {**BENCH_MODEL, "vocab_size": 4096},  # 29M: small loss buffers, the recomputed layer shows
+    "smol": SMOL_MODEL,  # 135M, tied embeddings (the trained embedding is the output head)
+    "l24v32k": {**SMOL_MODEL, "vocab_size": 32000, "tie_word_embeddings": False},  # 24 layers, Llama-2's vocab
 }
 TINY_MODEL = {**BENCH_MODEL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
@@ -61,22 +76,39 @@ CONFIGS = [dict(zip(KEYS, c)) for c in [
     ("v4k-lora-z3-ckpt-s2", "v4k", 16384, True, 3, "layer", "s2", "bf16"),
     ("v4k-lora-z3-none-s2", "v4k", 8192, True, 3, "none", "s2", "bf16"),
     ("v4k-full-z3-ckpt-full", "v4k", 16384, False, 3, "layer", "full", "bf16"),
+    # realistic depth and vocabulary, where the allocator matters (fp32: no bf16 matmul units on most CPUs)
+    ("smol-z3-ckpt-s2", "smol", 4096, True, 3, "layer", "s2", "fp32"),
+    ("l24v32k-z3-ckpt-s2", "l24v32k", 8192, True, 3, "layer", "s2", "fp32"),
+    ("smol-z3-ckpt-s2", "smol", 8192, True, 3, "layer", "s2", "fp32"),
 ]]
+ALLOCATORS = {  # environment of the worker process, on top of the caller's
+    "launch": {},
+    "glibc": {"MEGALONG_CPU_MALLOC": "glibc"},
+    "env-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "jemalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+}
 QUICK = [CONFIGS[0], CONFIGS[2], CONFIGS[11]]
 
 
-def run_config(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int) -> dict:
+def run_config(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int, allocator: str = "launch") -> dict:
     """Run one configuration in a fresh process and return its measurements."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    from megalong.utils.cpu_runtime import single_process_rendezvous
+
+    preload = ALLOCATORS[allocator].get("LD_PRELOAD")
+    if preload and not Path(preload).is_file():
+        raise FileNotFoundError(f"--allocators {allocator}: {preload} is not installed "
+                                "(apt-get install libjemalloc2 / libtcmalloc-minimal4)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MEGALONG_CPU_MALLOC"}
+    env = dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", **single_process_rendezvous({}), **ALLOCATORS[allocator])
     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg), "--base-dir", str(base_dir), "--tiny-dir", str(tiny_dir),
            "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker failed for {cfg}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"worker failed for {cfg} ({allocator}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
 def estimate_for(cfg: dict):
@@ -145,11 +177,14 @@ def _batch(seq_len: int, vocab: int) -> dict:
 def worker(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int) -> None:
     """Warm up on a tiny model (lazy imports, kernel setup), then measure ``cfg`` on the bench model."""
     import gc
+    import time
 
     import torch
 
     from megalong.parallel.dims import ParallelDims, init_distributed
+    from megalong.utils.cpu_runtime import configure_cpu_allocator
 
+    allocator = configure_cpu_allocator(os.environ)  # what launch/_entry.py's cpu_defaults applies
     torch.set_num_threads(threads)
     init_distributed(120)
     dims = ParallelDims(world=1, sp=1).build()
@@ -169,18 +204,23 @@ def worker(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int) -> None:
     def phase(name: str, fn):
         _reset_peak()
         out = fn()
-        phases[name] = max(phases.get(name, 0.0), (_statm_kib("VmHWM") - base) / 1024)
+        phases[name] = max(phases.get(name, 0.0), _statm_kib("VmHWM") / 1024)
         return out
 
-    losses = []
+    losses, times = [], []
     for _ in range(2):
+        t0 = time.perf_counter()
         loss_sum, count = phase("forward", partial(engine, **batch))
         loss = loss_sum / count
         phase("backward", partial(engine.backward, loss))
         phase("step", engine.step)
+        times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    result = {**cfg, "base_mib": base / 1024, "init_mib": (after_init - base) / 1024,
-              "peak_mib": max(phases.values()), "phases_mib": phases, "losses": losses}
+    peak = max(phases.values())
+    result = {**cfg, "allocator": allocator, "base_mib": base / 1024, "init_mib": (after_init - base) / 1024,
+              "process_peak_mib": peak, "peak_mib": peak - base / 1024,
+              "phases_mib": {k: v - base / 1024 for k, v in phases.items()}, "losses": losses,
+              "step_s": times[-1], "first_step_s": times[0]}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -203,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="run only the configurations with these names")
+    p.add_argument("--seq-len", nargs="*", type=int, default=None, help="run only these lengths")
+    p.add_argument("--allocators", nargs="*", default=["launch"], choices=sorted(ALLOCATORS),
+                   help="run each configuration with each allocator (default: the launch path's)")
     p.add_argument("--verbose", action="store_true", help="print each configuration's estimate table")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -213,35 +256,57 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker), args.base_dir, args.tiny_dir, args.threads)
         return 0
     rows = []
-    specs = [c for c in (QUICK if args.quick else CONFIGS) if args.only is None or c["name"] in args.only]
+    specs = [c for c in (QUICK if args.quick else CONFIGS) if (args.only is None or c["name"] in args.only)
+             and (args.seq_len is None or c["seq_len"] in args.seq_len)]
     with tempfile.TemporaryDirectory(prefix="megalong_bench_mem_") as tmp:
         tiny_dir = make_base(Path(tmp), TINY_MODEL, "bench_tiny")
         base_dirs = {m: make_base(Path(tmp), MODELS[m], f"bench_{m}") for m in sorted({c["model"] for c in specs})}
         for cfg in specs:
-            res = run_config(cfg, base_dirs[cfg["model"]], tiny_dir, args.threads)
-            est = estimate_for(cfg)
-            res["estimate_mib"] = (est.gpu_peak + sum(t.host for t in est.terms)) / 2**20
-            if args.verbose:
-                print(est.render())
-            res["ratio"] = res["estimate_mib"] / res["peak_mib"]
-            rows.append(res)
-            print(json.dumps(res), flush=True)
+            for allocator in args.allocators:
+                res = run_config(cfg, base_dirs[cfg["model"]], tiny_dir, args.threads, allocator)
+                est = estimate_for(cfg)
+                process = est.term("framework overhead").gpu  # the per-rank process base on CPU
+                res["estimate_process_mib"] = (est.gpu_peak + sum(t.host for t in est.terms)) / 2**20
+                res["estimate_mib"] = res["estimate_process_mib"] - process / 2**20
+                if args.verbose:
+                    print(est.render())
+                res["ratio"] = res["estimate_mib"] / res["peak_mib"]
+                res["process_ratio"] = res["estimate_process_mib"] / res["process_peak_mib"]
+                res["allocator_choice"] = allocator
+                rows.append(res)
+                print(json.dumps(res), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(format_table(rows, args.markdown))
+    if len(args.allocators) > 1:
+        print(format_allocators(rows, args.markdown))
     return 0
 
 
-def format_table(rows: list[dict], markdown: bool) -> str:
-    head = ["model", "mode", "N", "ZeRO", "ckpt", "attn", "dtype", "measured MiB", "estimated MiB", "est/meas"]
-    lines = []
-    if markdown:
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["model"], "LoRA+" if r["lora"] else "full FT", str(r["seq_len"]), str(r["stage"]), r["ckpt"], r["attention"],
-                 r["dtype"], f"{r['peak_mib']:.0f}", f"{r['estimate_mib']:.0f}", f"{r['ratio']:.2f}"]
+def _table(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else ["  ".join(head)]
+    for cells in body:
         lines.append("| " + " | ".join(cells) + " |" if markdown else "  ".join(f"{c:>10}" for c in cells))
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict], markdown: bool) -> str:
+    """Measured against estimated: above the pre-model base, and for the whole process."""
+    head = ["model", "mode", "N", "ZeRO", "ckpt", "attn", "dtype", "measured MiB", "estimated MiB", "est/meas",
+            "process peak MiB", "planned per rank MiB", "est/meas"]
+    body = [[r["model"], "LoRA+" if r["lora"] else "full FT", str(r["seq_len"]), str(r["stage"]), r["ckpt"],
+             r["attention"], r["dtype"], f"{r['peak_mib']:.0f}", f"{r['estimate_mib']:.0f}", f"{r['ratio']:.2f}",
+             f"{r['process_peak_mib']:.0f}", f"{r['estimate_process_mib']:.0f}", f"{r['process_ratio']:.2f}"]
+            for r in rows]
+    return _table(head, body, markdown)
+
+
+def format_allocators(rows: list[dict], markdown: bool) -> str:
+    """Time of each of the two steps and whole-process peak RSS of the same steps under each allocator."""
+    head = ["model", "N", "dtype", "allocator", "step 1 s", "step 2 s", "peak RSS MiB", "above base MiB"]
+    body = [[r["model"], str(r["seq_len"]), r["dtype"], r["allocator_choice"], f"{r['first_step_s']:.1f}",
+             f"{r['step_s']:.1f}", f"{r['process_peak_mib']:.0f}", f"{r['peak_mib']:.0f}"] for r in rows]
+    return _table(head, body, markdown)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python tools/estimate_memory.py --model llama2-70b --seq-len 32768 --gpus 8 --zero 3 \\
         --offload-optimizer --offload-param --activation-checkpointing layer
     python tools/estimate_memory.py --model /models/Llama-2-7b-hf --seq-len 100000 --json
-    python tools/estimate_memory.py --recipe launch/configs/tiny_cpu.yaml --gpus 2 [--section.key=value ...]
+    python tools/estimate_memory.py --recipe launch/configs/tiny_cpu.yaml --gpus 2 --accelerator cpu \
+        --host-memory-gb 24 [--section.key=value ...]
 
 --model takes a known architecture (llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3-70b,
 mistral-7b, qwen2-7b), a local HF model directory or a config.json file; nothing is downloaded.
@@ -56,6 +57,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--host-memory-gb", type=float, default=1024.0, help="per node")
+    p.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: plan --gpus CPU ranks per node (DeepSpeed's CPU accelerator; host memory is the device)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_known_args(argv)
 
@@ -91,7 +94,7 @@ def from_flags(args: argparse.Namespace):
         activation_checkpointing=args.activation_checkpointing, cpu_checkpointing=args.cpu_checkpointing,
         attention=args.attention, group_size=args.group_size, attention_kernel=args.attention_kernel,
         dtype=args.dtype, lora=args.lora, lora_r=args.lora_r, loss_chunk=args.loss_chunk,
-        gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
+        gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb, accelerator=args.accelerator,
     )
     return estimate_memory(inputs)
 
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             from megalong.engine.dryrun import dry_run
 
             report = dry_run(load_config(args.recipe, extra), nodes=args.nodes, gpus_per_node=args.gpus,
-                             gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb)
+                             gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
+                             accelerator=args.accelerator)
             print(json.dumps(report.summary(), indent=1) if args.json else report.render())
             return 0 if report.fits else 1
         if extra:

@@ -260,8 +260,12 @@ def check_recipe_details(cfg: Config, report: DryRunReport, hf: Any) -> None:
 
 
 def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: float,
-                  host_memory_gb: float) -> MemoryInputs:
-    """The estimator's inputs for this recipe on this cluster (bucket sizes from the rendered JSON)."""
+                  host_memory_gb: float, accelerator: str = "cuda") -> MemoryInputs:
+    """The estimator's inputs for this recipe on this cluster (bucket sizes from the rendered JSON).
+
+    ``accelerator="cpu"`` plans DeepSpeed's CPU accelerator: ``gpus_per_node`` ranks per node, whose
+    memory is the host's (no CUDA context, torch AdamW, the process itself counted per rank).
+    """
     zo = (report.ds_config or {}).get("zero_optimization", {})
     t = cfg.train
     return MemoryInputs(
@@ -283,13 +287,13 @@ def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: flo
         max_reuse_distance=int(zo.get("stage3_max_reuse_distance", 1_000_000_000)),
         max_live_parameters=int(zo.get("stage3_max_live_parameters", 1_000_000_000)),
         overlap_comm=bool(zo.get("overlap_comm", True)),
-        gpu_memory_gb=gpu_memory_gb, host_memory_gb=host_memory_gb, counts=report.counts,
+        accelerator=accelerator, gpu_memory_gb=gpu_memory_gb, host_memory_gb=host_memory_gb, counts=report.counts,
     )
 
 
 # ------------------------------------------------------------------------------------------ entry
 def dry_run(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
-            host_memory_gb: float = 1024.0) -> DryRunReport:
+            host_memory_gb: float = 1024.0, accelerator: str = "cuda") -> DryRunReport:
     """Validate ``cfg`` for ``nodes`` × ``gpus_per_node`` GPUs and plan its memory, allocating no weights.
 
     Args:
@@ -298,6 +302,8 @@ def dry_run(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: 
         gpus_per_node: GPUs per node (the world size is nodes × gpus_per_node).
         gpu_memory_gb: memory per GPU in GiB (an A100-80G has 80).
         host_memory_gb: host memory per node in GiB.
+        accelerator: ``cuda`` (GPUs) or ``cpu`` (``gpus_per_node`` CPU ranks per node sharing the host's
+            memory; ``gpu_memory_gb`` is then unused).
     """
     report = DryRunReport(nodes=nodes, gpus_per_node=gpus_per_node, sp=cfg.parallel.sp)
     if nodes < 1 or gpus_per_node < 1:
@@ -314,7 +320,7 @@ def dry_run(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: 
         return report
     check_recipe_details(cfg, report, hf)
     try:
-        inputs = memory_inputs(cfg, report, hf, gpu_memory_gb, host_memory_gb)
+        inputs = memory_inputs(cfg, report, hf, gpu_memory_gb, host_memory_gb, accelerator)
     except ValueError as e:
         report.add("error", "memory", str(e))
         return report

@@ -69,6 +69,12 @@ Framework overhead on a GPU: CUDA context, cuBLAS/NCCL workspaces (``cuda_contex
 allocator fragmentation (``fragmentation``, 10% of the peak). Host per node: offloaded states, CPU
 checkpoints and one Python/CUDA process per GPU (``host_process_gb``, 4 GiB each); loading the model
 is a separate, earlier peak (every rank materialises the model without zero.Init, one shard with it).
+
+On CPU (``accelerator="cpu"``, DeepSpeed's CPU accelerator) host memory is the device: there is no
+CUDA context and no caching allocator, and the per-rank peak is the rank's resident set: the terms
+above plus the process itself (``cpu_process_gb``, measured). That holds only when freed tensors go
+back to the kernel, which glibc's default dynamic mmap threshold prevents; the launch path fixes it on
+every CPU rank (megalong.utils.cpu_runtime). Host per node = ranks per node × the per-rank peak.
 """
 
 from __future__ import annotations
@@ -146,10 +152,15 @@ class MemoryInputs:
     param_persistence_threshold: int = 100_000
     overlap_comm: bool = True
     accelerator: str = "cuda"
-    """``cpu`` models DeepSpeed's CPU accelerator (torch AdamW, lazily touched buffers, no CUDA context)."""
+    """``cpu`` models DeepSpeed's CPU accelerator (torch AdamW, lazily touched buffers, no CUDA context):
+    each of ``gpus_per_node`` ranks is a process whose memory is the host's, so its peak is its RSS."""
     cuda_context_gb: float = 1.0
     fragmentation: float = 0.10
     host_process_gb: float = 4.0
+    cpu_process_gb: float = 0.45
+    """CPU ranks: resident set of a rank before its model exists (interpreter, torch, DeepSpeed, transformers,
+    peft, the process group, kernels warmed up): 462 MiB measured by tools/bench_memory.py (docs/BENCHMARKS.md,
+    "CPU allocator"), 378 MiB right after the imports and init_distributed."""
     gpu_memory_gb: float = 80.0
     host_memory_gb: float = 1024.0
     """Host memory per node."""
@@ -244,6 +255,8 @@ class MemoryEstimate:
 
     @property
     def fits_gpu(self) -> bool:
+        if self.inputs.accelerator == "cpu":  # the device is the host: fits_host decides
+            return self.fits_host
         return self.gpu_peak <= self.inputs.gpu_memory_gb * GiB
 
     @property
@@ -488,12 +501,19 @@ def estimate_memory(i: MemoryInputs) -> MemoryEstimate:
               for t in states]
     acts = [replace(t, at_peak=t.at_peak and phase == "backward") for t in acts]
     peak = persistent + max(backward, step)
-    overhead = (i.cuda_context_gb * GiB + i.fragmentation * peak) if i.accelerator == "cuda" else 0.0
     terms = states + acts
-    terms.append(Term("framework overhead", overhead, i.host_process_gb * GiB if i.accelerator == "cuda" else 0.0,
-                      note=f"CUDA context {i.cuda_context_gb:g} GiB + {i.fragmentation:.0%} fragmentation; "
-                           f"host: {i.host_process_gb:g} GiB per rank process"))
+    if i.accelerator == "cuda":
+        overhead = i.cuda_context_gb * GiB + i.fragmentation * peak
+        terms.append(Term("framework overhead", overhead, i.host_process_gb * GiB,
+                          note=f"CUDA context {i.cuda_context_gb:g} GiB + {i.fragmentation:.0%} fragmentation; "
+                               f"host: {i.host_process_gb:g} GiB per rank process"))
+    else:  # host memory is the device: the rank's process itself is part of its peak, and nothing else is
+        overhead = i.cpu_process_gb * GiB
+        terms.append(Term("framework overhead", overhead,
+                          note=f"the rank's process before its model: {i.cpu_process_gb:g} GiB (measured)"))
     host_per_rank = sum(t.host for t in terms)
+    if i.accelerator == "cpu":  # a rank's RSS is its "device" peak plus what is "offloaded" to the host
+        host_per_rank += peak + overhead
     return MemoryEstimate(
         inputs=i, counts=c, terms=terms, gpu_peak=peak + overhead,
         host_per_node=host_per_rank * i.gpus_per_node, host_load_peak=_host_load_peak(i, c),
@@ -505,7 +525,8 @@ def _host_load_peak(i: MemoryInputs, c: ParamCounts) -> float:
     """Host bytes per node while the model loads: every rank holds the whole model without zero.Init."""
     b = i.load_bytes_per_param or i.bytes_per_elem
     per_rank = b * (c.largest_module if i.uses_zero_init else c.total)
-    return float(per_rank * i.gpus_per_node + i.gpus_per_node * i.host_process_gb * GiB * (i.accelerator == "cuda"))
+    process = i.host_process_gb if i.accelerator == "cuda" else i.cpu_process_gb
+    return float((per_rank + process * GiB) * i.gpus_per_node)
 
 
 def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:

@@ -38,7 +38,8 @@ def render_estimate(est: MemoryEstimate) -> str:
     """The table (GiB per GPU, GiB per rank on the host), totals and verdict."""
     i = est.inputs
     lines = [describe_inputs(est), ""]
-    lines.append(f"{'term':<28} {'GPU GiB':>8} {'host GiB':>8}  {'phase':<10} note")
+    device = "rank GiB" if i.accelerator == "cpu" else "GPU GiB"
+    lines.append(f"{'term':<28} {device:>8} {'host GiB':>8}  {'phase':<10} note")
     lines.append("-" * 100)
     for t in est.terms:
         if t.gpu == 0 and t.host == 0:
@@ -46,15 +47,21 @@ def render_estimate(est: MemoryEstimate) -> str:
         mark = " " if t.at_peak or t.gpu == 0 else "*"
         lines.append(f"{t.name:<28} {_gib(t.gpu)}{mark}{_gib(t.host)}  {t.phase:<10} {t.note}")
     lines.append("-" * 100)
-    lines.append(f"{'per-GPU peak':<28} {_gib(est.gpu_peak)}           (peak during the {est.peak_phase}; "
+    peak_name = "per-rank peak (RSS)" if i.accelerator == "cpu" else "per-GPU peak"
+    lines.append(f"{peak_name:<28} {_gib(est.gpu_peak)}           (peak during the {est.peak_phase}; "
                  f"* = not at the same moment)")
     lines.append(f"{'host per node':<28} {'':>8} {_gib(est.host_per_node)}  "
                  f"(while loading: {est.host_load_peak / GiB:.1f} GiB)")
     gpu_ok = "fits" if est.fits_gpu else "DOES NOT FIT"
     host_ok = "fits" if est.fits_host else "DOES NOT FIT"
-    lines.append(f"verdict: GPU {est.gpu_peak / GiB:.1f} / {i.gpu_memory_gb:g} GiB {gpu_ok}; host "
-                 f"{max(est.host_per_node, est.host_load_peak) / GiB:.1f} / {i.host_memory_gb:g} GiB {host_ok} "
-                 f"-> {'FITS' if est.fits else 'DOES NOT FIT'}")
+    if i.accelerator == "cpu":
+        lines.append(f"verdict: {i.gpus_per_node} CPU rank(s) × {est.gpu_peak / GiB:.1f} GiB (host memory is the "
+                     f"device) -> host {max(est.host_per_node, est.host_load_peak) / GiB:.1f} / "
+                     f"{i.host_memory_gb:g} GiB -> {'FITS' if est.fits else 'DOES NOT FIT'}")
+    else:
+        lines.append(f"verdict: GPU {est.gpu_peak / GiB:.1f} / {i.gpu_memory_gb:g} GiB {gpu_ok}; host "
+                     f"{max(est.host_per_node, est.host_load_peak) / GiB:.1f} / {i.host_memory_gb:g} GiB {host_ok} "
+                     f"-> {'FITS' if est.fits else 'DOES NOT FIT'}")
     for note in est.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -342,3 +342,34 @@ def test_cli_json_and_config_file(tmp_path, capsys):
     assert "per-GPU peak" in capsys.readouterr().out
     assert tool.main(["--model", "llama2-7b"]) == 2
     assert "--seq-len is required" in capsys.readouterr().err
+
+
+def test_cpu_plan_is_the_rank_process():
+    """CPU: no CUDA context or fragmentation; the measured process base is part of the per-rank peak,
+    and the node holds its ranks' peaks (host memory is the device)."""
+    shape = ModelShape("m", hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16, vocab=1000)
+    cpu = estimate_memory(_inputs(shape, seq_len=256, gpus_per_node=2, zero_stage=3, cpu_process_gb=0.25))
+    bare = estimate_memory(_inputs(shape, seq_len=256, gpus_per_node=2, zero_stage=3, cpu_process_gb=0.0))
+    assert cpu.term("framework overhead").gpu == 0.25 * GiB and cpu.term("framework overhead").host == 0
+    assert cpu.gpu_peak == bare.gpu_peak + 0.25 * GiB
+    assert cpu.host_per_node == pytest.approx(2 * cpu.gpu_peak)
+    assert cpu.fits_gpu == cpu.fits_host
+    small_host = estimate_memory(_inputs(shape, seq_len=256, gpus_per_node=2, zero_stage=3, host_memory_gb=0.4))
+    assert not small_host.fits and not small_host.fits_gpu  # 2 ranks × ≥ 0.25 GiB process each
+    gpu = estimate_memory(_inputs(shape, seq_len=256, gpus_per_node=2, zero_stage=3, accelerator="cuda"))
+    assert gpu.term("framework overhead").gpu >= 1.0 * GiB  # CUDA context + fragmentation
+    assert "per-rank peak (RSS)" in cpu.render() and "CPU rank(s)" in cpu.render()
+
+
+def test_dry_run_plans_cpu_ranks():
+    """The recipe's dry run with accelerator='cpu': the same plan, as CPU ranks (no CUDA terms)."""
+    from megalong.config import load_config
+    from megalong.engine.dryrun import dry_run
+
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", ["--model.arch=llama2-7b", "--data.max_seq_len=8192"])
+    cuda = dry_run(cfg, gpus_per_node=2, host_memory_gb=24)
+    cpu = dry_run(cfg, gpus_per_node=2, host_memory_gb=24, accelerator="cpu")
+    assert cpu.estimate.inputs.accelerator == "cpu" and cuda.estimate.inputs.accelerator == "cuda"
+    assert cpu.estimate.term("framework overhead").gpu == cpu.estimate.inputs.cpu_process_gb * GiB
+    assert cpu.estimate.host_per_node == pytest.approx(2 * cpu.estimate.gpu_peak)
+    assert not cpu.fits  # a 7B model's 13 GiB of bf16/fp32 weights on each of two ranks of a 24 GiB box
