@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check megalong.utils.memory against measured peak memory of real DeepSpeed training steps on CPU.
 
-    flock /tmp/megalong_bench.lock python tools/bench_memory.py [--quick] [--markdown]
+    flock /tmp/megalong_heavy.lock python tools/bench_memory.py [--quick] [--markdown]
 
 Each configuration runs in a fresh process (DS_ACCELERATOR=cpu, one rank): build the model the way
 the trainer does (megalong.engine.setup.build_model: zero.Init with ZeRO-3, LoRA+, S²-Attn,
@@ -16,7 +16,7 @@ path applies to every CPU rank (megalong.utils.cpu_runtime.configure_cpu_allocat
 launch/_entry.py's cpu_defaults), so the figures are what a real run sees.
 Estimated = estimate_memory(accelerator="cpu") per-rank peak: the whole process, its base included.
 
-    flock /tmp/megalong_heavy.lock python tools/bench_memory.py --only smol-z3-ckpt-s2 \
+    flock /tmp/megalong_heavy.lock python tools/bench_memory.py --only smol-z3-ckpt-s2 --seq-len 4096 \
         --allocators glibc launch env-mmap jemalloc tcmalloc      # the allocator table
 
 --allocators runs each configuration once per allocator: ``launch`` (what launch/_entry.py does),

@@ -25,7 +25,8 @@ def test_plain_python_trains_and_saves(assets, tmp_path):
     cfg_path = tmp_path / "recipe.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_run_config(assets, run)))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("MALLOC_")}
-    env.pop("MEGALONG_CPU_MALLOC", None)
+    for key in ("MEGALONG_CPU_MALLOC", "LD_PRELOAD"):  # the launch path's default allocator policy
+        env.pop(key, None)
     cmd = [sys.executable, "launch/pretrain_extend.py", "--config", str(cfg_path), "--train.max_steps=2",
            "--checkpoint.save_interval=2", "--train.eval_interval=0"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
