@@ -23,6 +23,8 @@ DeepSpeed and DDP wrappers), and back with ``model.set_attn_implementation("sdpa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
@@ -44,8 +46,21 @@ __all__ = [
 
 S2_IMPLEMENTATION = "megalong_s2"
 FULL_IMPLEMENTATION = "megalong_full"
-GROUP_SIZE_ATTR = "megalong_group_size"
-BACKEND_ATTR = "megalong_backend"
+SPEC_ATTR = "megalong_attention"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one attention module runs: set once per switch (``use_s2_attention`` / ``use_full_attention``)."""
+
+    group_size: int | None
+    """S²-Attn group size G; None for full attention."""
+    backend: str = "sdpa"
+    """Kernel: ``sdpa``, ``flash`` or ``reference``."""
+
+
+def _spec(module: nn.Module) -> AttentionSpec:
+    return getattr(module, SPEC_ATTR, None) or AttentionSpec(None)
 
 _SEGMENTS = IdentityCache()
 
@@ -153,7 +168,7 @@ def _check_call(dropout: float, kwargs: dict) -> None:
 
 
 def _group_size(module: nn.Module) -> int:
-    group_size = getattr(module, GROUP_SIZE_ATTR, None)
+    group_size = _spec(module).group_size
     if group_size is None:
         raise ValueError(
             f"{type(module).__name__} has no S²-Attn group size: switch with "
@@ -176,6 +191,10 @@ def s2_attention_forward(
     """AttentionInterface entry "megalong_s2": q (B, H, N, D) -> ((B, N, H, D), None)."""
     _check_call(dropout, kwargs)
     group_size = _group_size(module)
+    sp = kwargs.get("sp_context")
+    if sp is not None:  # sequence parallel: this rank's queries over [halo ‖ local] keys (megalong.parallel)
+        out = sp.attend(query, key, value, group_size, _spec(module).backend, scaling)
+        return out.transpose(1, 2), None  # (B, L, H, Dv)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"S²-Attn got a {attention_mask.dim()}D attention mask it cannot honour; pass a 2D "
@@ -193,7 +212,7 @@ def s2_attention_forward(
             f"<= {window} (then the window never cuts a group)"
         )
     docs = _documents(attention_mask, kwargs.get("segment_ids"), kwargs.get("position_ids"), query.shape[0])
-    backend = getattr(module, BACKEND_ATTR, "sdpa")
+    backend = _spec(module).backend
     out = s2_attention(query, key, value, group_size, backend=backend, segment_ids=docs, scale=scaling)
     return out.transpose(1, 2), None  # (B, N, H, Dv)
 
@@ -217,6 +236,10 @@ def full_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface entry "megalong_full": causal attention honouring ``segment_ids``."""
     segment_ids = kwargs.get("segment_ids")
+    sp = kwargs.get("sp_context")
+    if sp is not None:  # sequence parallel (evaluation at lengths one rank cannot hold)
+        _check_call(dropout, kwargs)
+        return sp.attend(query, key, value, None, _spec(module).backend, scaling).transpose(1, 2), None
     if attention_mask is not None:  # a stock 4D mask (padding, cache, window): stock sdpa
         if segment_ids is not None:
             attention_mask = _with_segments(attention_mask, segment_ids)
@@ -224,7 +247,7 @@ def full_attention_forward(
     q_len, kv_len = query.shape[2], key.shape[2]
     position_ids = kwargs.get("position_ids") if q_len == kv_len else None
     docs = _documents(None, segment_ids, position_ids, query.shape[0])
-    backend = getattr(module, BACKEND_ATTR, "sdpa")
+    backend = _spec(module).backend
     if docs is None and backend == "sdpa":  # plain causal rows: exactly stock sdpa
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
     _check_call(dropout, kwargs)
@@ -284,8 +307,7 @@ def _switch(model: nn.Module, implementation: str, group_size: int | None, backe
     register_attention()
     base = unwrap_model(model)
     for module in attention_modules(base):
-        setattr(module, GROUP_SIZE_ATTR, group_size)
-        setattr(module, BACKEND_ATTR, backend)
+        setattr(module, SPEC_ATTR, AttentionSpec(group_size, backend))
     base.set_attn_implementation(implementation)
     return model
 

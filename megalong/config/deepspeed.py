@@ -80,6 +80,12 @@ def render_deepspeed_config(cfg: Config, dp: int, accelerator: str = "cuda") -> 
     ds["train_micro_batch_size_per_gpu"] = b.micro_batch
     ds["gradient_accumulation_steps"] = b.grad_accum
     ds["train_batch_size"] = b.train_batch
+    if cfg.parallel.sp > 1:
+        # DeepSpeed checks train_batch = micro × accum × world / sequence_parallel_size where it has no
+        # mpu (transformers' zero.Init path); deepspeed.initialize takes the groups from megalong's mpu.
+        ds["sequence_parallel_size"] = cfg.parallel.sp
+    else:
+        ds.pop("sequence_parallel_size", None)
     ds["gradient_clipping"] = t.grad_clip
     ds["bf16"] = {"enabled": t.dtype == "bf16"}
     ds["fp16"] = {"enabled": False}

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from megalong.data.batch import ITEM_DTYPES
 from megalong.data.indexed import DataFileError, IndexedDataset
 
 CACHE_VERSION = 1
@@ -226,9 +227,6 @@ class PackedDataset:
         row, lengths = self.row_tokens(i)  # (N + 1,)
         seg, pos = row_layout(lengths, n, self.reset_position_ids)
         return {"input_ids": row[:n], "labels": row[1:].copy(), "position_ids": pos, "segment_ids": seg}
-
-
-ITEM_DTYPES = {"input_ids": np.int64, "labels": np.int64, "position_ids": np.int64, "segment_ids": np.int32}
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megalong.data.batch import IGNORE_INDEX
 from megalong.data.indexed import DataFileError, IndexedDataset
 from megalong.data.samples import default_cache_dir, load_or_build, row_layout
 
@@ -184,5 +185,5 @@ class SFTDataset:
         seg_full, _ = row_layout(np.asarray(lengths), cap, False)  # (N + 1,)
         seg, pos = row_layout(np.asarray(lengths), n, self.reset_position_ids)
         valid = target[1:] & (seg_full[1:] == seg_full[:-1])  # target token, same example as its input
-        labels = np.where(valid, row[1:], -100)
+        labels = np.where(valid, row[1:], IGNORE_INDEX)
         return {"input_ids": row[:n], "labels": labels, "position_ids": pos, "segment_ids": seg}

@@ -50,14 +50,17 @@ def check_layout(cfg: Config, world: int) -> list[Finding]:
                                              f"use one of {options}")]
     out = []
     if sp > 1:
-        out.append(Finding("error", "parallel", f"parallel.sp={sp}: sequence-parallel training is not built yet; "
-                                                "use parallel.sp=1 (the memory plan already models sp)"))
+        if cfg.parallel.sp_mode != "s2_halo":
+            out.append(Finding("error", "parallel", f"parallel.sp_mode={cfg.parallel.sp_mode!r} is not built yet; "
+                                                    "use parallel.sp_mode=s2_halo"))
         n = cfg.data.max_seq_len
         if n % sp:
             out.append(Finding("error", "parallel", f"parallel.sp={sp} does not divide data.max_seq_len={n}; use a "
                                                     f"length that is a multiple of {sp} (e.g. {n - n % sp})"))
-    else:
-        out.append(Finding("ok", "parallel", f"world {world} = dp {world // sp} × sp {sp}"))
+    if not any(f.level == "error" for f in out):
+        out.append(Finding("ok", "parallel", f"world {world} = dp {world // sp} × sp {sp}"
+                                             + (f" ({cfg.parallel.sp_mode}, {cfg.data.max_seq_len // sp} tokens "
+                                                "per rank)" if sp > 1 else "")))
     return out
 
 

@@ -32,9 +32,12 @@ class TrainModule(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        sp_context=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kwargs = {}
         if segment_ids is not None and self.pass_segment_ids:
             kwargs["segment_ids"] = segment_ids
+        if sp_context is not None:  # sequence parallel: this rank's slice of the row (megalong.parallel.sharding)
+            kwargs["sp_context"] = sp_context
         out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         return self.loss_head(out.last_hidden_state, labels)

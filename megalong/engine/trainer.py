@@ -26,12 +26,15 @@ import torch.distributed as dist
 from megalong.config.deepspeed import batch_arithmetic, render_deepspeed_config, write_deepspeed_config
 from megalong.config.loader import config_to_dict, save_config
 from megalong.config.schema import Config, ConfigError
+from megalong.data.batch import BATCH_KEYS, IGNORE_INDEX
 from megalong.engine import checkpoint as ckpt
 from megalong.engine import setup as build
 from megalong.engine.checks import Finding, raise_on_errors, run_checks
 from megalong.engine.schedule import lr_multiplier
 from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
+from megalong.parallel.s2_halo import HaloStats
+from megalong.parallel.sharding import shard_batch
 from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, train_flops_per_token
 from megalong.utils.progress import Progress
 
@@ -66,6 +69,7 @@ class Trainer:
         self.tokenizer = build.load_run_tokenizer(cfg)
         self.preflight(dist.get_world_size() if dist.is_initialized() else 1, self.accelerator, self.tokenizer)
         self.dims = ParallelDims.from_env(cfg.parallel.sp).build()
+        self.halo_stats = HaloStats() if self.dims.sp > 1 else None
         self.rank, self.is_main = self.dims.rank, self.dims.rank == 0
         self.batch = batch_arithmetic(cfg, self.dims.dp)
         self.ds_config = render_deepspeed_config(cfg, self.dims.dp, self.accelerator)
@@ -191,9 +195,9 @@ class Trainer:
         t0 = time.perf_counter()
         engine, ga = self.engine, self.batch.grad_accum
         micro = [self._to_device(next(self.loader)) for _ in range(ga)]
-        local_valid = sum(int((b["labels"] != -100).sum()) for b in micro)
+        local_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
         global_valid = int(self._all_reduce([float(local_valid)])[0])
-        scale = ga * self.dims.dp / max(1, global_valid)
+        scale = self._grad_scale(global_valid)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for b in micro:
             local_loss, _ = engine(**b)
@@ -226,6 +230,16 @@ class Trainer:
             "stop_signal": bool(stop_any),
         }
 
+    def _grad_scale(self, global_valid: int) -> float:
+        """What each micro-batch's local loss sum is multiplied by before backward, so that the
+        reduced gradient is d(Σ token losses / valid tokens of the whole step).
+
+        DeepSpeed divides by grad_accum, then (measured on 0.19.8, see tests/dist/test_sp_engine.py)
+        averages over the data-parallel ranks under ZeRO-1/2 (summing over the sp ranks of a row) but
+        over all dp × sp ranks under ZeRO-3's reduce-scatter."""
+        ranks = self.dims.dp * (self.dims.sp if self.cfg.zero.stage == 3 else 1)
+        return self.batch.grad_accum * ranks / max(1, global_valid)
+
     def _on_nonfinite(self, loss: float, applied: bool) -> None:
         first = self.consumed_samples
         msg = (
@@ -257,7 +271,9 @@ class Trainer:
         return t.tolist()
 
     def _to_device(self, batch: dict) -> dict:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in _MODEL_KEYS}
+        """The model's inputs on this rank's device; with sequence parallelism, this rank's part of the row."""
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in BATCH_KEYS}
+        out = shard_batch(out, self.dims, self.cfg.data.doc_mask, self.halo_stats)
         if not self.cfg.data.doc_mask:
             out.pop("segment_ids", None)
         return out
@@ -292,7 +308,12 @@ class Trainer:
             s, c = self.engine(**self._to_device(self.data.probe_batch()))
         finally:
             module.train(was_training)
-        return float(s) / max(1, int(c))
+        s, c = float(s), float(c)
+        if self.dims.sp > 1:  # the row is spread over the sequence-parallel group
+            t = torch.tensor([s, c], dtype=torch.float64)
+            dist.all_reduce(t, group=self.dims.groups["sp"])
+            s, c = t.tolist()
+        return s / max(1.0, c)
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict[str, Any]:
@@ -347,10 +368,11 @@ class Trainer:
         """Resume from a complete checkpoint: weights, optimizer, scheduler, step, data position, RNG."""
         meta = ckpt.read_meta(self.ckpt_dir, tag)
         ckpt.check_compatible(meta, self._fingerprint())
-        if meta.get("dp") not in (None, self.dims.dp):
+        if (meta.get("dp"), meta.get("sp", 1)) != (self.dims.dp, self.dims.sp) and meta.get("dp") is not None:
             raise ckpt.CheckpointError(
-                f"checkpoint {tag} was written with {meta['dp']} data-parallel ranks, this run has {self.dims.dp}; "
-                "ZeRO partitions follow the rank count: resume with the same number of ranks"
+                f"checkpoint {tag} was written with dp={meta['dp']} × sp={meta.get('sp', 1)} ranks, this run has "
+                f"dp={self.dims.dp} × sp={self.dims.sp}; ZeRO partitions follow the layout: resume with the same "
+                "parallel.sp and number of ranks"
             )
         path, client = self.engine.load_checkpoint(
             str(self.ckpt_dir), tag=tag, load_module_strict=not self.cfg.lora.enabled,
@@ -414,5 +436,3 @@ class Trainer:
         for sig, h in old.items():
             signal.signal(sig, h)
 
-
-_MODEL_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")

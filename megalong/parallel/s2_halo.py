@@ -184,7 +184,6 @@ class SequenceParallelContext:
     Attributes:
         rank, sp, group, peers: this rank's index in its sequence-parallel group, the group's size,
             the process group and its members' global ranks.
-        group_size: S²-Attn G (None: full attention, chunks are documents).
         pos_in_doc: (B, N) position of every token of the whole row inside its document.
         doc_ids: (B, N) document index of every token of the whole row.
     """
@@ -193,7 +192,6 @@ class SequenceParallelContext:
     sp: int
     group: object
     peers: tuple[int, ...]
-    group_size: int | None
     pos_in_doc: torch.Tensor
     doc_ids: torch.Tensor
     stats: HaloStats | None = None
@@ -210,14 +208,19 @@ class SequenceParallelContext:
             self._plans[group_size] = make_plan(self.pos_in_doc.cpu().numpy(), self.sp, group_size, offsets)
         return self._plans[group_size]
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
+               backend: str, scale: float | None) -> torch.Tensor:
+        """What megalong's registered attention functions call under sequence parallelism
+        (``megalong.attention`` stays free of distributed code): see ``halo_attention``."""
+        return halo_attention(query, key, value, self, group_size, backend, scale)
+
     def key_slice(self, plan: HaloPlan, half: int) -> slice:
         end = (self.rank + 1) * self.local_len
         return slice(plan.halo_start[half][self.rank], end)
 
 
 def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tensor | None, dims,
-                  group_size: int | None, use_position_restarts: bool = True,
-                  stats: HaloStats | None = None) -> SequenceParallelContext:
+                  use_position_restarts: bool = True, stats: HaloStats | None = None) -> SequenceParallelContext:
     """The per-batch context from the whole row's position ids (B, N) and optional segment ids (B, N).
 
     Documents follow megalong's attention rules: segment runs when given, else restarting position
@@ -234,7 +237,7 @@ def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tenso
         starts = doc_starts(seg.cpu())
     group = dims.groups.get("sp")
     peers = tuple(dims.sp_group_ranks())
-    return SequenceParallelContext(dims.sp_rank, dims.sp, group, peers, group_size, positions_in_doc(starts),
+    return SequenceParallelContext(dims.sp_rank, dims.sp, group, peers, positions_in_doc(starts),
                                    starts.long().cumsum(dim=-1), stats)
 
 
@@ -265,9 +268,12 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             halves.append((h.q_start, h.q_end, kv[0], kv[1], 1 if h.shifted else 0))
     outs = []
     for q0, q1, k0, k1, half in halves:
-        kv = torch.cat([key[:, k0:k1], value[:, k0:k1]], dim=1)  # (B, 2·h_kv, L, D): one message per peer
-        kv_ext = _HaloExchange.apply(kv, plan, half, ctx.rank, ctx.group, ctx.peers, ctx.stats)
-        k_ext, v_ext = kv_ext.split([k1 - k0, k1 - k0], dim=1)
+        if plan.pieces[half]:
+            kv = torch.cat([key[:, k0:k1], value[:, k0:k1]], dim=1)  # (B, 2·h_kv, L, D): one message per peer
+            kv_ext = _HaloExchange.apply(kv, plan, half, ctx.rank, ctx.group, ctx.peers, ctx.stats)
+            k_ext, v_ext = kv_ext.split([k1 - k0, k1 - k0], dim=1)  # (B, h_kv, halo + L, D)
+        else:  # no rank needs anything for this half (e.g. the unshifted half with L a multiple of G)
+            k_ext, v_ext = key[:, k0:k1], value[:, k0:k1]
         keys = ctx.key_slice(plan, half)
         halo = plan.halo_len(half, ctx.rank)
         if group_size is None:

@@ -64,7 +64,7 @@ def run_case(case, dims, stats):
     loc = slice(r * length, (r + 1) * length)
     ql, kl, vl = (t[:, :, loc].clone().requires_grad_(True) for t in (q, k, v))
     pos_ids = torch.arange(n).expand(b, n)
-    ctx = build_context(pos_ids, seg, dims, g, stats=stats)
+    ctx = build_context(pos_ids, seg, dims, stats=stats)
     out = halo_attention(ql, kl, vl, ctx, g, "sdpa", None)
     out.backward(grad_out[:, :, loc])
     errs = {}

@@ -95,7 +95,7 @@ BROKEN = {
     "sliding_window": ("tiny_cpu", 2, ["--model.name_or_path={mistral}", "--attention.group_size=128"],
                        "set attention.group_size <= 64"),
     "sp_world": ("llama2_7b_100k", 8, ["--parallel.sp=3"], "does not divide the world size 8"),
-    "sp_not_built": ("llama2_7b_100k", 8, ["--parallel.sp=2"], "not built yet"),
+    "sp_mode_not_built": ("llama2_7b_100k", 8, ["--parallel.sp=2", "--parallel.sp_mode=ulysses"], "not built yet"),
     "sp_length": ("tiny_cpu", 2, ["--parallel.sp=2", "--data.max_seq_len=1023", "--attention.group_size=254"],
                   "does not divide data.max_seq_len=1023"),
     "ulysses_heads": ("tiny_cpu", 4, ["--parallel.sp=4", "--parallel.sp_mode=ulysses"],
