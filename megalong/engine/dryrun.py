@@ -2,12 +2,14 @@
 
     recipe ──► base model config (local dir, model.init_config, or the model.arch fallback)
            ──► RoPE scaling ──► model + LoRA+ on the meta device (exact trainable / frozen counts)
-           ──► ParallelDims(world = nodes × gpus_per_node, sp) ──► DeepSpeed JSON ("cuda") + batch
+           ──► run checks for world = nodes × gpus_per_node (megalong.engine.checks: exactly the
+               checks Trainer.setup raises on) ──► DeepSpeed JSON ("cuda") + batch
            ──► memory plan (megalong.utils.memory) ──► DryRunReport: render() / summary() / fits
 
 Every problem found is collected as a check (``ok`` / ``warn`` / ``error``) instead of stopping at
-the first one, so a user sees all of them in one go. ``fits`` is true only with no errors and a
-memory plan that fits both the GPUs and the hosts.
+the first one, so a user sees all of them in one go. Any error means the trainer would refuse the
+recipe at start-up (verdict INVALID, exit 1). ``fits`` is true only with no errors and a memory plan
+that fits both the GPUs and the hosts.
 """
 
 from __future__ import annotations
@@ -197,66 +199,49 @@ def _hf_summary(hf: Any) -> dict:
     }
 
 
-def check_layout(cfg: Config, report: DryRunReport, hf: Any | None):
-    """ParallelDims for the cluster, and the sequence-parallel constraints; None if invalid."""
-    from megalong.parallel.dims import ParallelDims
+def run_recipe_checks(cfg: Config, report: DryRunReport, hf: Any | None, accelerator: str) -> int | None:
+    """The trainer's own start-up checks (megalong.engine.checks) for this cluster, plus the batch and
+    DeepSpeed JSON the memory plan needs; returns the data-parallel size, or None if the layout is invalid."""
+    from megalong.engine import checks
 
-    try:
-        dims = ParallelDims(world=report.world, sp=cfg.parallel.sp)
-    except ConfigError as e:
-        report.add("error", "parallel", f"{e} (world = {report.nodes} node(s) × {report.gpus_per_node} GPUs)")
-        return None
-    if hf is not None:
-        try:
-            heads = int(hf.num_attention_heads)
-            dims.check_model(heads, int(getattr(hf, "num_key_value_heads", None) or heads), cfg.parallel.sp_mode)
-        except ConfigError as e:
-            report.add("error", "parallel", str(e))
-            return None
-    if dims.sp > 1:
-        report.add("error", "parallel", f"parallel.sp={dims.sp}: the trainer does not run sequence parallelism yet "
-                   "(memory is planned for it below); use parallel.sp=1 to train today")
-        if cfg.data.max_seq_len % dims.sp:
-            report.add("error", "parallel", f"parallel.sp={dims.sp} does not divide data.max_seq_len="
-                       f"{cfg.data.max_seq_len}; use a length that is a multiple of {dims.sp}")
+    world, sp = report.world, cfg.parallel.sp
+    if hf is None:  # the model could not be resolved (already reported): the checks that need no model
+        findings = checks.check_layout(cfg, world) + checks.check_batch(cfg, world)
     else:
-        report.add("ok", "parallel", f"world {dims.world} = dp {dims.dp} × sp {dims.sp}")
-    return dims
-
-
-def check_batch(cfg: Config, report: DryRunReport, dp: int) -> None:
-    """Render the DeepSpeed JSON for CUDA and check its batch arithmetic."""
+        vocab, name = _tokenizer_vocab(cfg)
+        findings = checks.run_checks(cfg, hf, world, accelerator, vocab, name)
+    for f in findings:
+        msg = f.message
+        if f.what == "parallel" and f.level == "error" and "world size" in msg:
+            msg += f" (world = {report.nodes} node(s) × {report.gpus_per_node} GPUs)"
+        report.add(f.level, f.what, msg)
+    if world % sp:
+        return None
+    dp = world // sp
     try:
         report.batch = batch_arithmetic(cfg, dp)
         report.ds_config = render_deepspeed_config(cfg, dp, accelerator="cuda")
-    except ConfigError as e:
-        report.add("error", "deepspeed", str(e))
-        return
-    ds, b = report.ds_config, report.batch
-    got = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
-    if got != (b.micro_batch, b.grad_accum, b.train_batch) or b.train_batch != b.micro_batch * b.grad_accum * dp:
-        report.add("error", "batch", f"DeepSpeed JSON says micro {got[0]} × accum {got[1]} = {got[2]} rows but "
-                   f"micro × accum × dp = {b.micro_batch} × {b.grad_accum} × {dp}; check the template")
-    else:
-        report.add("ok", "batch", f"train_batch {b.train_batch} = micro {b.micro_batch} × accum {b.grad_accum} × dp {dp}")
-
-
-def check_recipe_details(cfg: Config, report: DryRunReport, hf: Any) -> None:
-    """Warnings that do not stop a run: sliding windows, kernels, data that is not on this machine."""
-    from megalong.models.families import sliding_window_of
-
-    window = sliding_window_of(hf)
-    if window is not None and cfg.attention.train == "s2" and cfg.group_size > window:
-        report.add("warn", "attention", f"S²-Attn group {cfg.group_size} exceeds {hf.model_type}'s sliding window "
-                   f"{window}; set attention.group_size <= {window}")
-    if cfg.attention.backend == "flash":
-        report.add("ok", "attention", "backend=flash: the GPU nodes need flash-attn installed")
-    if cfg.attention.backend == "reference":
-        report.add("warn", "attention", "backend=reference materialises N×N masks (tests only); use sdpa or flash")
+    except ConfigError:
+        pass  # reported by checks.check_batch
     missing = [p for p in cfg.data.prefixes if not Path(p + ".idx").is_file()]
     if missing:
         report.add("warn", "data", f"{len(missing)} data prefix(es) not on this machine (e.g. {missing[0]}); "
                    "fine for a dry run elsewhere, the run itself checks them")
+    return dp
+
+
+def _tokenizer_vocab(cfg: Config) -> tuple[int | None, str]:
+    """The run's tokenizer vocabulary size when the tokenizer is on this machine (else None)."""
+    spec = cfg.model.tokenizer or cfg.model.name_or_path
+    if spec is None or not Path(spec).exists():
+        return None, str(spec)
+    from megalong.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(spec)
+    except Exception:  # not a tokenizer (e.g. a model dir without one): the run itself will say so
+        return None, str(spec)
+    return tok.vocab_size, tok.name
 
 
 def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: float,
@@ -311,18 +296,16 @@ def dry_run(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: 
         return report
     report.seq_len = cfg.data.max_seq_len
     hf = _resolve_with_rope(cfg, report)
-    dims = check_layout(cfg, report, hf)
-    if dims is not None:
-        check_batch(cfg, report, dims.dp)
+    dp = run_recipe_checks(cfg, report, hf, accelerator)
     if hf is not None:
         _count_params(cfg, report, hf)
-    if hf is None or dims is None or report.counts is None or report.ds_config is None:
+    if hf is None or dp is None or report.counts is None or report.ds_config is None:
         return report
-    check_recipe_details(cfg, report, hf)
     try:
         inputs = memory_inputs(cfg, report, hf, gpu_memory_gb, host_memory_gb, accelerator)
     except ValueError as e:
-        report.add("error", "memory", str(e))
+        if not report.errors:  # otherwise the same problem was already reported by the run checks
+            report.add("error", "memory", str(e))
         return report
     report.estimate = estimate_memory(inputs)
     if not report.estimate.fits:
