@@ -331,10 +331,31 @@ def layer_activation_bytes(i: MemoryInputs) -> float:
         total += (4 + w) * heads * _eager_keys(i)  # fp32 softmax output + its cast
     if i.attention == "s2":
         total += w * m.q_dim  # the two head-halves' outputs concatenated into a new tensor
-    if i.sp > 1 and i.attention == "s2" and i.sp_mode == "s2_halo":
-        halo = min(i.group // 2, i.seq_len - i.seq_len // i.sp) / (i.seq_len // i.sp)
-        total += w * kv * halo  # neighbour K/V of the shifted half, amortised per local token
+    if i.sp > 1 and i.sp_mode == "s2_halo":
+        # megalong.parallel.s2_halo: a half with a halo runs on [halo ‖ local] keys: its K/V arrive as one
+        # new (halo + L) tensor (replacing its share of k, v), its queries are zero-padded to halo + L and
+        # its output has halo + L rows (both replacing the half's q and output). Per local token: f·w·(kv + q)
+        # per half, f = halo / L of the rank with the longest halo.
+        for frac in halo_fractions(i):
+            total += frac * w * (kv + m.q_dim) / 2
     return float(total)
+
+
+def halo_fractions(i: MemoryInputs) -> list[float]:
+    """Per head-half: the longest halo any rank fetches, as a fraction of its L tokens (rows with no
+    documents; documents only shorten halos). Full attention: one 'half', the whole prefix."""
+    length = i.seq_len // i.sp
+    if i.attention != "s2":
+        return [2.0 * (i.seq_len - length) / length]  # counted as both halves
+    g = i.group
+    out = []
+    for off in (0, g // 2):
+        worst = 0
+        for r in range(1, i.sp):
+            x = r * length
+            worst = max(worst, x - max(0, ((x + off) // g) * g - off))
+        out.append(worst / length)
+    return out
 
 
 def _eager_keys(i: MemoryInputs) -> int:
@@ -532,7 +553,11 @@ def _host_load_peak(i: MemoryInputs, c: ParamCounts) -> float:
 def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:
     notes = []
     if i.sp > 1:
-        notes.append(f"sp={i.sp}: planned only; megalong's trainer does not run sequence parallelism yet")
+        if i.sp_mode == "s2_halo":
+            notes.append(f"sp={i.sp} ({i.sp_mode}): {i.tokens_per_rank} tokens per rank; halos of "
+                         + "/".join(f"{f:.0%}" for f in halo_fractions(i)) + " of L per head-half")
+        else:
+            notes.append(f"sp={i.sp}: {i.sp_mode} is planned only; megalong's trainer runs sp_mode=s2_halo")
     if i.attention == "s2" and i.attention_kernel == "flash":
         notes.append("with flash/SDPA kernels S²-Attn saves compute, not memory (attention memory is O(N) either way)")
     if i.zero_stage == 3 and i.uses_zero_init and i.lora:

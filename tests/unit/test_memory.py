@@ -274,14 +274,22 @@ def test_zero3_divides_weights_by_world_and_offload_moves_states_to_host():
     assert par.term("weights").gpu == 0 and par.term("weights").host == pytest.approx(w8)
 
 
-def test_sequence_parallel_divides_activations():
+def test_sequence_parallel_divides_activations_and_adds_the_halo():
+    from megalong.utils.memory import halo_fractions, layer_activation_bytes
+
     shape = ModelShape.known("llama2-7b")
-    one = estimate_memory(MemoryInputs(shape, 65536, attention="full"))
-    two = estimate_memory(MemoryInputs(shape, 65536, attention="full", sp=2))
+    one = estimate_memory(MemoryInputs(shape, 65536))  # S²-Attn, G = N/4
+    two = estimate_memory(MemoryInputs(shape, 65536, sp=2))
     assert two.inputs.dp == 4 and two.inputs.tokens_per_rank == 32768
-    for name in ("activations: checkpoints", "activations: layers"):
-        assert two.term(name).gpu == pytest.approx(one.term(name).gpu / 2)
-    assert any("sp=2" in n for n in two.notes)
+    assert two.term("activations: checkpoints").gpu == pytest.approx(one.term("activations: checkpoints").gpu / 2)
+    # L = 2G: the unshifted half fetches nothing, the shifted half G/2 = L/4 (megalong.parallel.s2_halo's plan)
+    assert halo_fractions(two.inputs) == [0.0, 0.25]
+    w, kv, q = 2, shape.kv_dim, shape.q_dim
+    extra = layer_activation_bytes(two.inputs) - layer_activation_bytes(one.inputs)
+    assert extra == pytest.approx(0.25 * w * (kv + q) / 2)
+    assert any("sp=2 (s2_halo)" in n and "0%/25%" in n for n in two.notes)
+    four = MemoryInputs(shape, 65536, sp=8, gpus_per_node=8)  # L = G/2 < G: a group spans two ranks
+    assert halo_fractions(four) == [1.0, 1.0]
 
 
 def test_lora_plus_needs_far_less_state_than_full_finetune():
