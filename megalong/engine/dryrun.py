@@ -3,7 +3,7 @@
     recipe ──► base model config (local dir, model.init_config, or the model.arch fallback)
            ──► RoPE scaling ──► model + LoRA+ on the meta device (exact trainable / frozen counts)
            ──► run checks for world = nodes × gpus_per_node (megalong.engine.checks: exactly the
-               checks Trainer.setup raises on) ──► DeepSpeed JSON ("cuda") + batch
+               checks Trainer.setup raises on) ──► DeepSpeed JSON (for the accelerator) + batch
            ──► memory plan (megalong.utils.memory) ──► DryRunReport: render() / summary() / fits
 
 Every problem found is collected as a check (``ok`` / ``warn`` / ``error``) instead of stopping at
@@ -57,6 +57,7 @@ class DryRunReport:
     estimate: MemoryEstimate | None = None
     suggestions: list[tuple[str, MemoryEstimate]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    accelerator: str = "cuda"
 
     @property
     def world(self) -> int:
@@ -119,7 +120,8 @@ class DryRunReport:
             lines.append(f"batch: micro {b.micro_batch} × grad_accum {b.grad_accum} × dp {b.dp} = {b.train_batch} rows "
                          f"of {self.seq_len} tokens = {b.train_batch * self.seq_len:,} tokens per step")
         if self.ds_config is not None:
-            lines += ["", "DeepSpeed JSON (accelerator cuda):", json.dumps(self.ds_config, indent=2, sort_keys=True)]
+            lines += ["", f"DeepSpeed JSON (accelerator {self.accelerator}):",
+                      json.dumps(self.ds_config, indent=2, sort_keys=True)]
         lines += ["", "checks:"] + [f"  {c.level:<5} {c.what}: {c.message}" for c in self.checks]
         if self.estimate is not None:
             lines += ["", "memory plan:", self.estimate.render()]
@@ -220,7 +222,8 @@ def run_recipe_checks(cfg: Config, report: DryRunReport, hf: Any | None, acceler
     dp = world // sp
     try:
         report.batch = batch_arithmetic(cfg, dp)
-        report.ds_config = render_deepspeed_config(cfg, dp, accelerator="cuda")
+        report.ds_config = render_deepspeed_config(cfg, dp, accelerator=accelerator)
+        report.accelerator = accelerator
     except ConfigError:
         pass  # reported by checks.check_batch
     missing = [p for p in cfg.data.prefixes if not Path(p + ".idx").is_file()]
