@@ -216,6 +216,10 @@ class Trainer:
         tokens = self.batch.train_batch * self.cfg.data.max_seq_len
         peak = device_peak_tflops()
         grad_norm = engine.get_global_grad_norm()
+        halo = None
+        if self.halo_stats is not None:  # bytes this rank sent in halo exchanges this step (fwd + bwd)
+            halo = self.halo_stats.forward_bytes + self.halo_stats.backward_bytes
+            self.halo_stats.forward_bytes = self.halo_stats.backward_bytes = 0
         return {
             "loss": loss,
             "lr": float(self.scheduler.get_last_lr()[0]),
@@ -227,6 +231,7 @@ class Trainer:
             "mfu": (self._flops_per_token * tokens / dt / (peak * 1e12 * self.dims.world)) if peak else None,
             "mem_gb": round(peak_memory_gb(), 3),
             "skipped": not applied,
+            "halo_mb": None if halo is None else round(halo / 2**20, 3),
             "stop_signal": bool(stop_any),
         }
 

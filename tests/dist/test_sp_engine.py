@@ -90,6 +90,14 @@ def test_sp2_dp1_equals_sp1(assets, tmp_path, sp1, stage):
 
     meta = ckpt.read_meta(run / "checkpoints", "step_00000004")
     assert (meta["sp"], meta["dp"], meta["world_size"]) == (2, 1, 2)
+    if stage == 2:  # the same 2 ranks as sp = 1 × dp = 2 (same rows per step): another layout, refused
+        cfg["parallel"]["sp"], cfg["train"]["grad_accum"], cfg["train"]["max_steps"] = 1, 1, 6
+        path = tmp_path / "other_layout.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        res = run_launcher(["--num_gpus", "2"], ["--config", str(path), "--checkpoint.resume=auto"])
+        assert res.returncode != 0
+        assert "written with dp=1 × sp=2 ranks, this run has dp=2 × sp=1" in res.stdout + res.stderr
+        assert ckpt.find_resume_tag(run / "checkpoints", "auto") == "step_00000004"  # nothing lost
 
 
 @pytest.mark.parametrize("stage", [2, 3])
