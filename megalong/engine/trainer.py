@@ -150,6 +150,9 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.is_main)
         bar = self._progress()
+        if self.is_main:
+            log.info("training: step %d of %d, %d rows of %d tokens per step (dp %d × sp %d)", self.step,
+                     cfg.train.max_steps, self.batch.train_batch, cfg.data.max_seq_len, self.dims.dp, self.dims.sp)
         last: dict = {}
         old_handlers = self._install_signal_handlers()
         try:
