@@ -12,11 +12,20 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from tests.assets import clean_shm, run_ranks, step_losses, step_metric, tiny_run_config, trained_weights
+from tests.assets import (
+    clean_shm,
+    megalong_model,
+    real_rows,
+    run_ranks,
+    safetensors_of,
+    step_losses,
+    step_metric,
+    tiny_run_config,
+    trained_weights,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -207,15 +216,6 @@ def test_bf16_zero3_lora_plus_trains_close_to_fp32(assets, tmp_path, reference):
 
 
 # ---------------------------------------------------------------- conversion of these runs
-def _safetensors(d):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def test_checkpoints_of_every_layout_convert_to_their_trained_weights(reference, two_rank_runs, tmp_path):
     """Each layout's checkpoint (1 rank ZeRO-3; 2 ranks ZeRO-3, ZeRO-3 + offload, ZeRO-2) exports exactly
     base + (α/r)·B·A and the trained embed/norm tensors of that checkpoint; that the trained tensors
@@ -226,7 +226,7 @@ def test_checkpoints_of_every_layout_convert_to_their_trained_weights(reference,
     base = dict(iter_base_tensors(reference.dir / "base_model"))
     scale = 8 / 4  # lora alpha / r of tiny_run_config
     for name, run in runs.items():
-        sd = _safetensors(export_hf(run.dir, tmp_path / name))
+        sd = safetensors_of(export_hf(run.dir, tmp_path / name))
         assert sorted(sd) == sorted(base) and not any("lora" in k for k in sd), name
         trained = run.weights
         for k, w in base.items():
@@ -242,32 +242,6 @@ def test_checkpoints_of_every_layout_convert_to_their_trained_weights(reference,
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and cfg["max_position_embeddings"] == 128
 
 
-def _megalong_model(run):
-    """The trained model as megalong holds it: base + LoRA+ adapters + trained tensors, full attention."""
-    from megalong.attention import use_full_attention
-    from megalong.engine.export import open_checkpoint, trained_tensors
-    from megalong.engine.setup import base_hf_config
-    from megalong.lora import apply_lora_plus
-    from megalong.models import create_model
-
-    rc = open_checkpoint(run)
-    hf_cfg, _ = base_hf_config(rc.cfg, rc.base_dir)
-    model = apply_lora_plus(create_model(hf_cfg, path=str(rc.base_dir)), rc.cfg.lora)
-    missing, unexpected = model.load_state_dict(
-        {"base_model.model." + k: v for k, v in trained_tensors(rc).items()}, strict=False)
-    assert not unexpected
-    use_full_attention(model)
-    return model.eval(), rc
-
-
-def _real_rows(assets, n=100):
-    from megalong.data import IndexedDataset
-
-    ds = IndexedDataset(assets["valid"])
-    doc = next(ds[i] for i in range(len(ds)) if len(ds[i]) > 2 * n)
-    return torch.as_tensor(np.stack([doc[:n], doc[n:2 * n]]).astype(np.int64))
-
-
 def test_converted_model_and_adapter_load_in_stock_libraries_with_equal_logits(assets, reference, tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -275,8 +249,8 @@ def test_converted_model_and_adapter_load_in_stock_libraries_with_equal_logits(a
     from megalong.engine.export import export_adapter, export_hf
 
     run = reference.dir
-    model, rc = _megalong_model(run)
-    x = _real_rows(assets)  # 100 tokens: past the base's 64, so PI is exercised
+    model, rc = megalong_model(run)
+    x = real_rows(assets)  # 100 tokens: past the base's 64, so PI is exercised
     with torch.no_grad():
         want = model(x).logits
 

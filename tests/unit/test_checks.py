@@ -33,25 +33,15 @@ def model_dirs(assets, tmp_path_factory):
     from megalong.utils.model_shapes import known_arch_config
 
     root = tmp_path_factory.mktemp("models")
+    configs = {arch: known_arch_config(arch) for arch in ("llama2-7b", "llama2-13b", "llama2-70b")}
+    configs["tiny"] = tiny_config("llama", vocab_size=assets["vocab_size"], max_position_embeddings=256)
+    configs["mistral"] = tiny_config("mistral", vocab_size=assets["vocab_size"], sliding_window=64)
     made = {}
-    for arch in ("llama2-7b", "llama2-13b", "llama2-70b"):
-        d = root / arch
-        d.mkdir()
-        known_arch_config(arch).to_json_file(str(d / "config.json"))
-        shutil.copytree(assets["tokenizer"], d, dirs_exist_ok=True)
-        made[arch] = d
-    tiny = root / "tiny"
-    tiny.mkdir()
-    tiny_config("llama", vocab_size=assets["vocab_size"], max_position_embeddings=256).to_json_file(
-        str(tiny / "config.json"))
-    shutil.copytree(assets["tokenizer"], tiny, dirs_exist_ok=True)
-    made["tiny"] = tiny
-    mistral = root / "mistral"
-    mistral.mkdir()
-    tiny_config("mistral", vocab_size=assets["vocab_size"], sliding_window=64).to_json_file(
-        str(mistral / "config.json"))
-    shutil.copytree(assets["tokenizer"], mistral, dirs_exist_ok=True)
-    made["mistral"] = mistral
+    for name, config in configs.items():
+        made[name] = root / name
+        made[name].mkdir()
+        config.to_json_file(str(made[name] / "config.json"))
+        shutil.copytree(assets["tokenizer"], made[name], dirs_exist_ok=True)
     return made
 
 
