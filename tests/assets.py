@@ -229,3 +229,18 @@ def safetensors_of(model_dir: Path) -> dict:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def assert_adapter_logits(run_dir: Path, base_dir: Path, adapter_dir: Path, x, want) -> None:
+    """The adapter directory loads in stock peft (base loaded with the adapter dir's config.json, as the
+    README says) and gives ``want`` logits on ``x``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, config=AutoConfig.from_pretrained(adapter_dir),
+                                                local_files_only=True)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, want, rtol=1e-4, atol=1e-5)
+

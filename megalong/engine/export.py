@@ -104,20 +104,23 @@ def trained_tensors(rc: RunCheckpoint) -> dict[str, torch.Tensor]:
     return out
 
 
-def tied_aliases(hf_cfg, trust_remote_code: bool = False) -> dict[str, str]:
+def tied_aliases(hf_cfg, trust_remote_code: bool = False, model=None) -> dict[str, str]:
     """``{alias: canonical}`` for parameters the model holds under two names (tied embeddings).
 
-    Read from the model's structure (a skeleton on the meta device), not from a list of names:
-    with ``tie_word_embeddings`` the output head's weight *is* the input embedding's, and
+    Read from the model's structure (a skeleton on the meta device, or ``model`` when the caller
+    already built one, peft-wrapped or not), not from a list of names: with
+    ``tie_word_embeddings`` the output head's weight *is* the input embedding's, and
     ``named_parameters()`` names it once, first as ``model.embed_tokens.weight``.
     """
     from megalong.models import create_model
 
-    with torch.device("meta"):
-        skeleton = create_model(hf_cfg, trust_remote_code=trust_remote_code)
+    if model is None:
+        with torch.device("meta"):
+            model = create_model(hf_cfg, trust_remote_code=trust_remote_code)
     first: dict[int, str] = {}
     aliases = {}
-    for name, p in skeleton.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
         if id(p) in first:
             aliases[name] = first[id(p)]
         else:
@@ -353,9 +356,9 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, tag: str = "late
     tmp = _staging(out_dir)
     try:
         hf_cfg = build_hf_config(type(rc.cfg.model)(name_or_path=str(base_dir)))
-        aliases = tied_aliases(hf_cfg, rc.cfg.model.trust_remote_code)
         with torch.device("meta"):
             skeleton = apply_lora_plus(create_model(hf_cfg), rc.cfg.lora)
+        aliases = tied_aliases(hf_cfg, model=skeleton)
         known = {n for n, p in skeleton.named_parameters()}
         state = {}
         for name, t in fold_tied(trained_tensors(rc), aliases).items():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.assets import (
+    assert_adapter_logits,
     clean_shm,
     megalong_model,
     real_rows,
@@ -243,8 +244,7 @@ def test_checkpoints_of_every_layout_convert_to_their_trained_weights(reference,
 
 
 def test_converted_model_and_adapter_load_in_stock_libraries_with_equal_logits(assets, reference, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from megalong.engine.export import export_adapter, export_hf
 
@@ -261,11 +261,7 @@ def test_converted_model_and_adapter_load_in_stock_libraries_with_equal_logits(a
         torch.testing.assert_close(stock(x).logits, want, rtol=1e-4, atol=1e-5)
 
     adapter = export_adapter(run, tmp_path / "adapter")
-    base = AutoModelForCausalLM.from_pretrained(rc.base_dir, config=AutoConfig.from_pretrained(adapter),
-                                                local_files_only=True)
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(x).logits, want, rtol=1e-4, atol=1e-5)
+    assert_adapter_logits(run, rc.base_dir, adapter, x, want)
 
 
 def test_conversion_refuses_bad_inputs_and_writes_nothing(reference, tmp_path, assets):

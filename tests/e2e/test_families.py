@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from tests.assets import (
+    assert_adapter_logits,
     clean_shm,
     megalong_model,
     real_rows,
@@ -98,8 +99,7 @@ def test_family_trains_two_steps_through_the_launcher(family_run):
 
 
 def test_family_exports_and_reloads_in_stock_libraries_with_equal_logits(family_run, assets, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from megalong.engine.export import export_adapter, export_hf
 
@@ -132,8 +132,4 @@ def test_family_exports_and_reloads_in_stock_libraries_with_equal_logits(family_
         torch.testing.assert_close(stock(x).logits, want, rtol=1e-4, atol=1e-5)
 
     adapter = export_adapter(run, tmp_path / "adapter")
-    base = AutoModelForCausalLM.from_pretrained(rc.base_dir, config=AutoConfig.from_pretrained(adapter),
-                                                local_files_only=True)
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(x).logits, want, rtol=1e-4, atol=1e-5)
+    assert_adapter_logits(run, rc.base_dir, adapter, x, want)
