@@ -7,6 +7,12 @@
 Inputs: JSONL (optionally .gz), JSON arrays, .txt (one document per file), parquet, and
 directories of those (recursively). ``--sft alpaca`` tokenizes LongAlpaca-style
 instruction/input/output records and also writes PREFIX_mask.bin/.idx (loss mask).
+
+Many machines: ``--shard I/N`` (I = 0..N-1) tokenizes only block I of the ordered input files
+(contiguous blocks of about equal bytes), each machine with its own --output-prefix; then
+``tools/merge_datasets.py`` joins the N outputs into exactly the files one run would write.
+Files are never split: one huge file goes to one shard, and a shard that gets no file writes an
+empty dataset (merge accepts it). Split big files before tokenizing for better balance.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import argparse
 import sys
 
 from megalong.data.indexed import DataFileError
-from megalong.data.preprocess import preprocess
+from megalong.data.preprocess import parse_shard, preprocess
 from megalong.data.sft import TEMPLATES
 from megalong.data.tokenizer import TokenizerError
 
@@ -32,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="documents per batch sent to a worker")
     p.add_argument("--sft", choices=sorted(TEMPLATES), default=None,
                    help="instruction data (instruction/input/output) with this prompt template; writes a loss mask")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="tokenize only block I of N (0 <= I < N) of the ordered input files; merge the N outputs "
+                        "with tools/merge_datasets.py. Whole files only: a single big file is not split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -39,12 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
+        shard = parse_shard(a.shard) if a.shard is not None else None
         s = preprocess(a.input, a.output_prefix, a.tokenizer, workers=a.workers, append_eod=a.append_eod,
                        prepend_bos=a.prepend_bos, json_key=a.json_key, batch_size=a.batch_size,
-                       sft_template=a.sft, progress=not a.no_progress)
+                       sft_template=a.sft, progress=not a.no_progress, shard=shard)
     except (DataFileError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if shard is not None:
+        m = s["meta"]["shard"]
+        files = f"files {m['file_range'][0]}..{m['file_range'][1] - 1}" if s["files"] else "no files"
+        print(f"shard {shard[0]}/{shard[1]}: {files} of {m['files_total']}"
+              + ("" if s["files"] else " (more shards than files, or big files; an empty dataset is written "
+                 "and merges as nothing)"))
     print(f"wrote {s['prefix']}.bin/.idx/.json: {s['documents']} documents ({s['skipped']} empty skipped), "
           f"{s['tokens']} tokens ({s['meta']['dtype']}) in {s['seconds']:.2f} s = {s['tokens_per_s']:,.0f} tokens/s")
     return 0

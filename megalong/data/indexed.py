@@ -97,6 +97,45 @@ def bin_fingerprint(path: str | os.PathLike, window: int = 1 << 16) -> str:
     return h.hexdigest()
 
 
+def index_header(dtype: np.dtype, seq_count: int, doc_count: int) -> bytes:
+    """The 34-byte .idx header: magic, version, dtype code, sequence count, document-index entries."""
+    return MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[np.dtype(dtype)], seq_count, doc_count)
+
+
+def dataset_info(dtype: np.dtype, num_documents: int, num_sequences: int, num_tokens: int, max_token_id: int,
+                 bin_file: str | os.PathLike, idx_file: str | os.PathLike) -> dict:
+    """The sidecar fields that describe the files themselves (counts, sizes, hashes)."""
+    return {
+        "format": META_FORMAT,
+        "format_version": 1,
+        "dtype": np.dtype(dtype).name,
+        "num_documents": int(num_documents),
+        "num_sequences": int(num_sequences),
+        "num_tokens": int(num_tokens),
+        "max_token_id": int(max_token_id),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "bin_bytes": os.path.getsize(bin_file),
+        "bin_fingerprint": bin_fingerprint(bin_file),
+        "idx_sha256": file_sha256(idx_file),
+    }
+
+
+def commit_dataset(prefix: str | os.PathLike, tmp_bin: str | os.PathLike, tmp_idx: str | os.PathLike,
+                   info: dict | None, tmp_meta: str | os.PathLike) -> None:
+    """Write ``info`` as the sidecar (None: no sidecar) and move temporary files into place, .idx last."""
+    if info is not None:
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+            f.write("\n")
+    # The .idx is the commit marker: drop the old one first, move it in last.
+    for old in (idx_path(prefix), meta_path(prefix)):
+        old.unlink(missing_ok=True)
+    os.replace(tmp_bin, bin_path(prefix))
+    if info is not None:
+        os.replace(tmp_meta, meta_path(prefix))
+    os.replace(tmp_idx, idx_path(prefix))
+
+
 def _write_index(path: str | os.PathLike, dtype: np.dtype, lengths: np.ndarray, doc_indices: np.ndarray) -> None:
     """Write an .idx file exactly as Megatron's ``_IndexWriter`` lays it out."""
     lengths = np.asarray(lengths, dtype=np.int32)
@@ -104,11 +143,7 @@ def _write_index(path: str | os.PathLike, dtype: np.dtype, lengths: np.ndarray, 
     if len(lengths) > 1:
         np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
     with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<Q", VERSION))
-        f.write(struct.pack("<B", CODE_OF_DTYPE[dtype]))
-        f.write(struct.pack("<Q", len(lengths)))
-        f.write(struct.pack("<Q", len(doc_indices)))
+        f.write(index_header(dtype, len(lengths), len(doc_indices)))
         f.write(lengths.tobytes(order="C"))
         f.write(pointers.tobytes(order="C"))
         f.write(np.asarray(doc_indices, dtype=np.int64).tobytes(order="C"))
@@ -206,29 +241,10 @@ class IndexedDatasetBuilder:
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_indices = np.concatenate([np.zeros(1, np.int64), *self._doc_ends])
         _write_index(self._tmp_idx, self.dtype, lengths, doc_indices)
-        info = {
-            "format": META_FORMAT,
-            "format_version": 1,
-            "dtype": self.dtype.name,
-            "num_documents": len(doc_indices) - 1,
-            "num_sequences": int(len(lengths)),
-            "num_tokens": int(self._num_tokens),
-            "max_token_id": int(self.max_token_id),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "bin_bytes": os.path.getsize(self._tmp_bin),
-            "bin_fingerprint": bin_fingerprint(self._tmp_bin),
-            "idx_sha256": file_sha256(self._tmp_idx),
-        }
+        info = dataset_info(self.dtype, len(doc_indices) - 1, len(lengths), self._num_tokens, self.max_token_id,
+                            self._tmp_bin, self._tmp_idx)
         info.update(meta or {})
-        with open(self._tmp_meta, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-            f.write("\n")
-        # The .idx is the commit marker: drop the old one first, move it in last.
-        for old in (idx_path(self.prefix), meta_path(self.prefix)):
-            old.unlink(missing_ok=True)
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_meta, meta_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        commit_dataset(self.prefix, self._tmp_bin, self._tmp_idx, info, self._tmp_meta)
         return info
 
     def abort(self) -> None:

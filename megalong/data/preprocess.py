@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -57,6 +58,55 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
         else:
             raise DataFileError(f"{p}: no such file or directory; check --input")
     return files
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``, validated (N >= 1, 0 <= I < N)."""
+    parts = spec.split("/")
+    try:
+        index, count = (int(x) for x in parts)
+    except ValueError:
+        raise DataFileError(f"--shard {spec!r}: expected I/N with whole numbers, e.g. --shard 3/16 "
+                            "(shard 3 of 16, counting from 0)") from None
+    check_shard(index, count)
+    return index, count
+
+
+def check_shard(index: int, count: int) -> None:
+    if count < 1:
+        raise DataFileError(f"shard {index}/{count}: the shard count N must be at least 1")
+    if not 0 <= index < count:
+        raise DataFileError(f"shard {index}/{count}: the shard index I must be in 0..{count - 1} (counting from 0)")
+
+
+def shard_range(sizes: list[int], index: int, count: int) -> tuple[int, int]:
+    """The contiguous block ``[start, stop)`` of files that shard ``index`` of ``count`` tokenizes.
+
+    Blocks are balanced by bytes: a file belongs to the shard whose equal-bytes slice of the
+    ordered input holds the middle byte of the file (by file count when all files are empty).
+    A file is never split, so a shard may be empty (more shards than files, or one huge file).
+    Shards 0..count-1 in order cover every file exactly once, in input order.
+    """
+    check_shard(index, count)
+    total = sum(sizes)
+    owner = []
+    before = 0
+    for k, size in enumerate(sizes):
+        if total > 0:
+            owner.append(min(count - 1, (2 * before + size) * count // (2 * total)))
+        else:
+            owner.append(k * count // max(len(sizes), 1))
+        before += size
+    start = sum(1 for o in owner if o < index)
+    return start, start + sum(1 for o in owner if o == index)
+
+
+def inputs_sha256(files: list[Path]) -> str:
+    """Identity of an ordered input list (file names and sizes; mount points do not matter)."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -271,7 +321,8 @@ def _input_record(files: list[Path]) -> list[dict]:
 
 def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer: str | os.PathLike,
                workers: int = 1, append_eod: bool = False, prepend_bos: bool = False, json_key: str = "text",
-               batch_size: int = 128, sft_template: str | None = None, progress: bool = True) -> dict:
+               batch_size: int = 128, sft_template: str | None = None, progress: bool = True,
+               shard: tuple[int, int] | None = None) -> dict:
     """Tokenize ``inputs`` into ``OUTPUT_PREFIX.{bin,idx,json}`` (and ``_mask`` files for SFT).
 
     Args:
@@ -286,6 +337,9 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
         sft_template: tokenize LongAlpaca-style instruction data with this prompt template
             (see ``megalong.data.sft.TEMPLATES``) and also write the loss mask.
         progress: show a tqdm bar (tokens/s) on stderr.
+        shard: ``(I, N)``: tokenize only block I of N of the ordered input files (see
+            :func:`shard_range`); ``megalong.data.merge.merge_datasets`` joins the N outputs into
+            the files one run over all inputs writes. A shard without files writes an empty dataset.
 
     Returns:
         Summary: documents, skipped, tokens, seconds, tokens_per_s, output prefix, and the metadata.
@@ -293,6 +347,13 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0")
     files = expand_inputs(inputs)
+    shard_meta = None
+    if shard is not None:
+        index, count = shard
+        start, stop = shard_range([p.stat().st_size for p in files], index, count)
+        shard_meta = {"index": index, "count": count, "file_range": [start, stop], "files_total": len(files),
+                      "inputs_sha256": inputs_sha256(files)}
+        files = files[start:stop]
     tok = load_tokenizer(tokenizer)
     for flag, tid, what in ((append_eod or sft_template, tok.eos_id, "EOS"), (prepend_bos, tok.bos_id, "BOS")):
         if flag and tid is None:
@@ -335,10 +396,12 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
         "prepend_bos": prepend_bos, "json_key": json_key, "sft_template": sft_template,
         "input_files": _input_record(files), "skipped_documents": stats["skipped"],
     }
+    if shard_meta is not None:
+        meta["shard"] = shard_meta
     if mask_builder is not None:
         mask_builder.finalize({**meta, "kind": "sft_mask"})
     info = builder.finalize(meta)
-    return {**stats, "tokens": info["num_tokens"], "seconds": seconds,
+    return {**stats, "files": len(files), "tokens": info["num_tokens"], "seconds": seconds,
             "tokens_per_s": info["num_tokens"] / max(seconds, 1e-9), "prefix": os.fspath(output_prefix), "meta": info}
 
 
