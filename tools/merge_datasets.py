@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         if len(a.input) == 1 and os.path.isdir(a.input[0]):
-            prefixes = list_prefixes(a.input[0], a.pattern)
+            prefixes = list_prefixes(a.input[0], a.pattern, exclude=a.output_prefix)
         elif any(os.path.isdir(x) for x in a.input):
             raise DataFileError(f"--input {' '.join(a.input)}: give one directory or a list of prefixes, not both")
         else:

@@ -52,20 +52,29 @@ CHUNK_ITEMS = 1 << 22  # index entries per read (32 MiB of int64)
 
 @dataclass
 class Part:
+    """One validated input: its counts and sidecar (the index arrays are mapped again when written)."""
+
     prefix: str
-    ds: IndexedDataset
+    dtype: np.dtype
+    num_sequences: int
+    num_documents: int
+    num_tokens: int
+    bin_bytes: int
     meta: dict | None
 
-    @property
-    def bin_bytes(self) -> int:
-        return bin_path(self.prefix).stat().st_size
+    def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memory-mapped (lengths i32[S], pointers i64[S], document indices i64[D + 1])."""
+        idx, s = np.memmap(idx_path(self.prefix), dtype=np.uint8, mode="r"), self.num_sequences
+        return (np.frombuffer(idx, np.int32, s, HEADER_BYTES), np.frombuffer(idx, np.int64, s, HEADER_BYTES + 4 * s),
+                np.frombuffer(idx, np.int64, self.num_documents + 1, HEADER_BYTES + 12 * s))
 
 
-def list_prefixes(directory: str | os.PathLike, pattern: str = "*") -> list[str]:
+def list_prefixes(directory: str | os.PathLike, pattern: str = "*", exclude: str | os.PathLike | None = None) -> list[str]:
     """Every dataset prefix in ``directory`` whose name matches ``pattern``, sorted by name.
 
     A prefix is a name with both ``NAME.idx`` and ``NAME.bin``. The loss masks of SFT datasets
-    (``NAME_mask`` next to ``NAME``) are left out: they are merged together with ``NAME``.
+    (``NAME_mask`` next to ``NAME``) are left out: they are merged together with ``NAME``; so is
+    ``exclude`` (the merge's output prefix, when it is written into the same directory).
     """
     d = Path(directory)
     if not d.is_dir():
@@ -73,6 +82,9 @@ def list_prefixes(directory: str | os.PathLike, pattern: str = "*") -> list[str]
     names = sorted(p.name[:-4] for p in d.iterdir() if p.name.endswith(".idx") and (d / f"{p.name[:-4]}.bin").is_file())
     names = [n for n in names if fnmatch.fnmatch(n, pattern)]
     keep = [n for n in names if not (n.endswith(MASK_SUFFIX) and n[: -len(MASK_SUFFIX)] in names)]
+    if exclude is not None:
+        out = bin_path(exclude).resolve()
+        keep = [n for n in keep if (d / f"{n}.bin").resolve() != out]
     if not keep:
         raise DataFileError(f"{d}: no datasets (NAME.bin + NAME.idx) matching {pattern!r}; check --input/--pattern")
     return [os.fspath(d / n) for n in keep]
@@ -87,20 +99,22 @@ def _open_parts(prefixes: list[str]) -> list[Part]:
                                     f"{idx_path(p).name}: check --input (prefixes without .bin/.idx) or re-run "
                                     "tools/preprocess_data.py for it")
         ds = IndexedDataset(p)  # validates the .idx/.bin (and the sidecar, when present)
-        need = HEADER_BYTES + 12 * len(ds.sequence_lengths) + 8 * len(ds.document_indices)
-        if idx_path(p).stat().st_size != need:
+        seqs, docs = len(ds.sequence_lengths), len(ds.document_indices) - 1
+        if idx_path(p).stat().st_size != HEADER_BYTES + 12 * seqs + 8 * (docs + 1):
             raise DataFileError(f"{idx_path(p)}: multimodal index (one mode byte per sequence) cannot be merged; "
                                 "merge text datasets only")
-        parts.append(Part(os.fspath(p), ds, ds.meta))
+        parts.append(Part(os.fspath(p), ds.dtype, seqs, docs, int(ds.sequence_lengths.sum(dtype=np.int64)),
+                          bin_path(p).stat().st_size, ds.meta))
+        del ds  # its per-document arrays are not needed: keep one shard's worth in memory at a time
     return parts
 
 
 def _check_compatible(parts: list[Part]) -> None:
     first = parts[0]
     for p in parts[1:]:
-        if p.ds.dtype != first.ds.dtype:
-            raise DataFileError(f"{idx_path(p.prefix)}: holds {p.ds.dtype} tokens but {idx_path(first.prefix)} holds "
-                                f"{first.ds.dtype}: they were tokenized with different vocabularies; merge only "
+        if p.dtype != first.dtype:
+            raise DataFileError(f"{idx_path(p.prefix)}: holds {p.dtype} tokens but {idx_path(first.prefix)} holds "
+                                f"{first.dtype}: they were tokenized with different vocabularies; merge only "
                                 "datasets made with one tokenizer (re-run tools/preprocess_data.py for the odd one)")
     with_meta = [p for p in parts if p.meta is not None]
     if with_meta and len(with_meta) != len(parts):
@@ -164,21 +178,21 @@ def _write_chunks(f: Any, arr: np.ndarray, add: int = 0) -> None:
 
 
 def _write_index(path: str, parts: list[Part]) -> None:
-    seqs = sum(len(p.ds.sequence_lengths) for p in parts)
-    docs = sum(len(p.ds.document_indices) - 1 for p in parts) + 1
+    seqs = sum(p.num_sequences for p in parts)
+    docs = sum(p.num_documents for p in parts) + 1
     with open(path, "wb") as f:
-        f.write(index_header(parts[0].ds.dtype, seqs, docs))
+        f.write(index_header(parts[0].dtype, seqs, docs))
         for p in parts:
-            _write_chunks(f, p.ds.sequence_lengths)
+            _write_chunks(f, p.index_arrays()[0])
         byte_base = 0
         for p in parts:
-            _write_chunks(f, p.ds.sequence_pointers, byte_base)
+            _write_chunks(f, p.index_arrays()[1], byte_base)
             byte_base += p.bin_bytes
         f.write(np.zeros(1, np.int64).tobytes())
         seq_base = 0
         for p in parts:
-            _write_chunks(f, p.ds.document_indices[1:], seq_base)
-            seq_base += len(p.ds.sequence_lengths)
+            _write_chunks(f, p.index_arrays()[2][1:], seq_base)
+            seq_base += p.num_sequences
         f.flush()
         os.fsync(f.fileno())
 
@@ -206,9 +220,8 @@ def _merged_meta(parts: list[Part], files: dict) -> dict | None:
     meta = {k: v for k, v in ref.items() if k not in PER_PART}
     keys = list(dict.fromkeys(p.meta.get("json_key") for p in parts))
     max_id = max(int(p.meta.get("max_token_id", -1)) for p in parts)
-    info = dataset_info(parts[0].ds.dtype, sum(len(p.ds) for p in parts),
-                        sum(len(p.ds.sequence_lengths) for p in parts), sum(p.ds.num_tokens for p in parts), max_id,
-                        files["bin"], files["idx"])
+    info = dataset_info(parts[0].dtype, sum(p.num_documents for p in parts), sum(p.num_sequences for p in parts),
+                        sum(p.num_tokens for p in parts), max_id, files["bin"], files["idx"])
     info.update(meta)
     info["tokenizer"] = ref.get("tokenizer")
     info["json_key"] = keys[0] if len(keys) == 1 else keys
@@ -217,7 +230,7 @@ def _merged_meta(parts: list[Part], files: dict) -> dict | None:
     if all("skipped_documents" in p.meta for p in parts):
         info["skipped_documents"] = sum(int(p.meta["skipped_documents"]) for p in parts)
     info["merged_from"] = [
-        {"prefix": str(Path(p.prefix).resolve()), "num_documents": len(p.ds), "num_tokens": p.ds.num_tokens,
+        {"prefix": str(Path(p.prefix).resolve()), "num_documents": p.num_documents, "num_tokens": p.num_tokens,
          "created": p.meta.get("created"), **({"shard": p.meta["shard"]["index"]} if "shard" in p.meta else {})}
         for p in parts]
     return info
@@ -294,8 +307,8 @@ def merge_datasets(prefixes: list[str | os.PathLike], output_prefix: str | os.Pa
         bar.close()
     seconds = time.perf_counter() - start
     meta = metas[output_prefix]
-    return {"parts": len(parts), "documents": sum(len(p.ds) for p in parts),
-            "tokens": sum(p.ds.num_tokens for p in parts), "bytes": total, "seconds": seconds,
+    return {"parts": len(parts), "documents": sum(p.num_documents for p in parts),
+            "tokens": sum(p.num_tokens for p in parts), "bytes": total, "seconds": seconds,
             "MB_per_s": total / 1e6 / max(seconds, 1e-9), "prefix": output_prefix, "sft": sft, "meta": meta,
             "inputs": [p.prefix for p in parts]}
 
@@ -308,7 +321,9 @@ def _mask_parts(parts: list[Part]) -> list[Part]:
             raise DataFileError(f"{p.prefix}: SFT dataset without its loss mask {mp}.bin/.idx; copy the mask files "
                                 "next to it or re-run tools/preprocess_data.py --sft for this part")
         m = _open_parts([mp])[0]
-        if not np.array_equal(m.ds.sequence_lengths, p.ds.sequence_lengths):
+        a, b = m.index_arrays()[0], p.index_arrays()[0]
+        if len(a) != len(b) or any(not np.array_equal(a[s: s + CHUNK_ITEMS], b[s: s + CHUNK_ITEMS])
+                                   for s in range(0, len(a), CHUNK_ITEMS)):
             raise DataFileError(f"{mp}: loss mask does not match {p.prefix} (different document lengths); "
                                 "re-run tools/preprocess_data.py --sft for this part")
         masks.append(m)

@@ -99,6 +99,8 @@ def test_directory_input_and_workers(tmp_path, corpus):
     merge_datasets(list_prefixes(tmp_path / "shards", "part_*"), tmp_path / "shards" / "all", progress=False)
     _same_files(tmp_path / "shards" / "all", corpus["root"] / "single")
     assert [Path(p).name for p in list_prefixes(tmp_path / "shards")] == ["all", "part_00000", "part_00001"]
+    names = [Path(p).name for p in list_prefixes(tmp_path / "shards", exclude=tmp_path / "shards" / "all")]
+    assert names == ["part_00000", "part_00001"]  # merging again into the same directory
 
 
 def test_sft_merges_masks(tmp_path, corpus):
