@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA, EXIT_LOST_RANK = 2, 3, 4, 5
 
 
 def cpu_defaults() -> list[str]:
@@ -111,6 +111,7 @@ def train(cfg) -> int:
     from megalong.config import ConfigError
     from megalong.data.indexed import DataFileError
     from megalong.engine.checkpoint import CheckpointError
+    from megalong.engine.liveness import LostRankError
     from megalong.engine.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(cfg)
@@ -128,6 +129,9 @@ def train(cfg) -> int:
     except NonFiniteLossError as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = EXIT_NONFINITE
+    except LostRankError as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        code = EXIT_LOST_RANK
     finally:
         trainer.close(clean=finished)  # no barrier after an error: another rank may never get there
     if code == 0 and trainer.is_main:

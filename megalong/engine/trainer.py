@@ -28,6 +28,7 @@ from megalong.config.loader import config_to_dict, save_config
 from megalong.config.schema import Config, ConfigError
 from megalong.data.batch import BATCH_KEYS, IGNORE_INDEX
 from megalong.engine import checkpoint as ckpt
+from megalong.engine import liveness
 from megalong.engine import setup as build
 from megalong.engine.checks import Finding, raise_on_errors, run_checks
 from megalong.engine.schedule import lr_multiplier
@@ -155,24 +156,49 @@ class Trainer:
                      cfg.train.max_steps, self.batch.train_batch, cfg.data.max_seq_len, self.dims.dp, self.dims.sp)
         last: dict = {}
         old_handlers = self._install_signal_handlers()
+        beat = liveness.Heartbeat(self.run_dir / "heartbeats", self.rank, self.step) if self.dims.world > 1 else None
+        end = ("done", None)
         try:
             while self.step < cfg.train.max_steps:
                 last = self.train_step()
                 self.step += 1
                 self.consumed_samples += self.batch.train_batch
                 last.update(step=self.step, consumed_samples=self.consumed_samples)
+                if beat:
+                    beat.update(self.step)
                 self._after_step(last, metrics, bar)
-                if last.pop("stop_signal"):
+                if last.pop("stop_signal"):  # every rank agreed in this step's all-reduce: all are alive
                     log.warning("signal %s received: saving at step %d and exiting", self._stop_signal, self.step)
                     self.save()
                     break
             if self.step >= cfg.train.max_steps and cfg.checkpoint.save_at_end and self._last_saved_step != self.step:
                 self.save()
+        except Exception as exc:  # a failed collective never reaches save(): no partial checkpoint, `latest` stays
+            lost = beat and self._lost_rank(exc, beat)
+            end = ("peer-lost", str(lost)) if lost else ("error", f"{type(exc).__name__}: {exc}"[:300])
+            if lost:
+                raise lost from exc
+            raise
         finally:
+            if beat:
+                beat.stop(*end)
             self._restore_signal_handlers(old_handlers)
             metrics.close()
             bar.close()
         return last
+
+    def _lost_rank(self, exc: BaseException, beat: liveness.Heartbeat) -> liveness.LostRankError | None:
+        """A LostRankError naming the peer when ``exc`` is a collective that failed because a peer is gone."""
+        if not liveness.is_collective_failure(exc):
+            return None
+        beat.set_state("peer-lost")  # other survivors must not take this rank for the cause
+        try:
+            tag = ckpt.find_resume_tag(self.ckpt_dir, "auto")
+            return liveness.lost_rank_error(exc, beat.path.parent, self.rank, self.dims.world, self.step,
+                                            str(self.ckpt_dir / tag) if tag else None)
+        except Exception as e:  # noqa: BLE001 - the diagnosis must never hide the failure itself
+            log.warning("rank %d: could not tell which peer is gone: %s", self.rank, e)
+            return None
 
     def _after_step(self, rec: dict, metrics: MetricsWriter, bar) -> None:
         cfg = self.cfg
