@@ -184,6 +184,39 @@ def run_launcher(launcher_args: list[str], script_args: list[str], timeout: floa
     return res
 
 
+def start_launcher(launcher_args: list[str], script_args: list[str], log_path: Path, port: int,
+                   script: str = "launch/pretrain_extend.py") -> subprocess.Popen:
+    """``deepspeed <launcher_args> --master_port PORT <script> <script_args>`` in the background, output
+    to ``log_path`` (``script`` may be tests/dist/worker.py to inject faults)."""
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [deepspeed, *launcher_args, "--master_port", str(port), script, *script_args]
+    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def run_nodes(hostfile: Path, nodes: int, script_args: list[str], workdir: Path,
+              timeout: float = 300) -> list[tuple[int, str]]:
+    """One launcher per "node" of ``hostfile``, started together on this machine as a cluster would
+    start them (``--no_ssh --node_rank N --master_addr 127.0.0.1``, one port); [(exit code, output)]
+    per node. A new port for all when the one picked was taken."""
+    for attempt in range(3):
+        port, logs = free_port(), [workdir / f"node{n}_{attempt}.log" for n in range(nodes)]
+        procs = [start_launcher(["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
+                                 "--master_addr", "127.0.0.1"], script_args, logs[n], port) for n in range(nodes)]
+        deadline = time.monotonic() + timeout
+        try:
+            codes = [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("launchers timed out:\n" + "\n".join(x.read_text()[-3000:] for x in logs)) from None
+        finally:
+            clean_shm()
+        out = [(c, log.read_text()) for c, log in zip(codes, logs)]
+        if not (any(codes) and any(port_was_taken(o) for _, o in out)):
+            return out
+    return out
+
+
 def build_megalong_model(cfg, base_dir: Path, trained: dict):
     """A model as megalong holds it after training: base (with the run's RoPE scaling) + LoRA+ +
     ``trained`` tensors (HF-side names, as ``trained_tensors`` returns them), full attention, eval mode."""
