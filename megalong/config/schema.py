@@ -293,6 +293,9 @@ class CheckpointConfig:
     """Keep only this many newest checkpoints (0: keep all)."""
     save_at_end: bool = True
     """Save when max_steps is reached."""
+    hash_files: bool = True
+    """Record the sha256 of every checkpoint file (verified on resume, like the sizes, which are always
+    recorded). Off for very large full fine-tuning checkpoints, where hashing reads them once more."""
 
     def __post_init__(self) -> None:
         _check(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memor
 from megalong.utils.progress import Progress
 
 log = logging.getLogger("megalong")
+
+
+def _fmt(layout: dict[str, int]) -> str:
+    return f"dp={layout['dp']} × sp={layout['sp']}, ZeRO-{layout['zero_stage']}"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,7 +80,12 @@ class Trainer:
         self.batch = batch_arithmetic(cfg, self.dims.dp)
         self.ds_config = render_deepspeed_config(cfg, self.dims.dp, self.accelerator)
         self.resume_tag = ckpt.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
+        self.resume_universal = self._resume_needs_universal()
+        if self.resume_universal:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self._prepare_run_dir()
+        if self.resume_universal:
+            ckpt.ensure_universal(self.ckpt_dir, self.resume_tag, self.is_main)
         self.base_dir = build.materialize_base_model(cfg, self.run_dir, self.tokenizer, self.is_main, self._barrier)
         base = build.base_hf_config(cfg, self.base_dir)
         self.data = build.build_data(cfg, self.tokenizer, self.batch, self.dims, self._barrier, base[0].vocab_size)
@@ -99,6 +109,24 @@ class Trainer:
             if f.level == "warn":
                 log.warning("%s: %s", f.what, f.message)
         return findings
+
+    def _layout(self) -> dict[str, int]:
+        return {"dp": self.dims.dp, "sp": self.dims.sp, "zero_stage": self.cfg.zero.stage}
+
+    def _resume_needs_universal(self) -> bool:
+        """True when the checkpoint to resume was partitioned for another layout (dp, sp or ZeRO stage):
+        it is then loaded through DeepSpeed's universal checkpoint, which re-partitions the trainable
+        weights and their optimizer state for this run."""
+        if self.resume_tag is None:
+            return False
+        saved = ckpt.layout_of(ckpt.read_meta(self.ckpt_dir, self.resume_tag))
+        if saved == self._layout():
+            return False
+        if self.is_main:
+            log.warning("checkpoint %s was written with %s, this run has %s: resuming through DeepSpeed's universal "
+                        "checkpoint (converted once, kept in %s/%s)", self.resume_tag, _fmt(saved),
+                        _fmt(self._layout()), self.resume_tag, ckpt.UNIVERSAL)
+        return True
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -359,22 +387,46 @@ class Trainer:
             "attention_train": c.attention.train,
             "lora": config_to_dict(c)["lora"],
             "data_prefixes": list(c.data.prefixes),
+            "data_files": self._data_identity(),
             "data_weights": c.data.weights,
             "max_seq_len": c.data.max_seq_len,
             "data_seed": c.data.seed,
             "train_batch": self.batch.train_batch,
         }
 
+    def _data_identity(self) -> dict[str, str]:
+        """Content fingerprint of every training data file (hash of the .idx, sampled hash of the .bin):
+        a resume refuses data that changed under the run, even under the same name."""
+        if not hasattr(self, "_data_ids"):
+            from megalong.data.indexed import IndexedDataset
+
+            self._data_ids = {str(p): IndexedDataset(p).identity for p in self.cfg.data.prefixes}
+        return self._data_ids
+
     def save(self) -> str:
-        """Save a complete checkpoint of the current step (all ranks)."""
+        """Save a complete checkpoint of the current step (all ranks). A failed write (a full disk)
+        raises CheckpointError on the rank that hit it; ``latest`` and every earlier checkpoint stay."""
         tag = ckpt.tag_for_step(self.step)
+        tag_dir = self.ckpt_dir / tag
         probe = self.probe_loss()
+        if self.is_main and tag_dir.exists():  # left by a save that died (resume re-reached this step)
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        self._barrier()
         client = {"step": self.step, "consumed_samples": self.consumed_samples}
-        self.engine.save_checkpoint(
-            str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False,
-            exclude_frozen_parameters=self.cfg.lora.enabled,
-        )
-        ckpt.save_rng(self.ckpt_dir / tag, self.rank)
+        try:
+            self.engine.save_checkpoint(
+                str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False,
+                exclude_frozen_parameters=self.cfg.lora.enabled,
+            )
+            ckpt.save_rng(tag_dir, self.rank)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(self.ckpt_dir).free
+            raise ckpt.CheckpointError(
+                f"rank {self.rank}: saving checkpoint {tag} failed ({str(e).strip().splitlines()[-1]}; "
+                f"{free / 2**20:.1f} MiB free in {self.ckpt_dir}). It is incomplete and will be ignored; `latest` "
+                f"still names {ckpt.find_latest(self.ckpt_dir) or 'no checkpoint'}, which is intact. Free space "
+                "there (or lower checkpoint.keep_last), then rerun with --checkpoint.resume=auto"
+            ) from e
         self._barrier()
         if self.is_main:
             meta = {
@@ -383,12 +435,13 @@ class Trainer:
                 "zero_stage": self.cfg.zero.stage, "dtype": self.cfg.train.dtype,
                 "base_model_dir": self._base_dir_record(), "code_version": ckpt.code_version(),
                 "fingerprint": self._fingerprint(), "config": config_to_dict(self.cfg),
+                "manifest": ckpt.build_manifest(tag_dir, self.cfg.checkpoint.hash_files),
             }
             ckpt.mark_complete(self.ckpt_dir, tag, meta)
             ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         self._barrier()
         self._last_saved_step = self.step
-        log.info("saved checkpoint %s", self.ckpt_dir / tag)
+        log.info("saved checkpoint %s", tag_dir)
         return tag
 
     def _base_dir_record(self) -> str:
@@ -402,24 +455,24 @@ class Trainer:
         """Resume from a complete checkpoint: weights, optimizer, scheduler, step, data position, RNG."""
         meta = ckpt.read_meta(self.ckpt_dir, tag)
         ckpt.check_compatible(meta, self._fingerprint())
-        if (meta.get("dp"), meta.get("sp", 1)) != (self.dims.dp, self.dims.sp) and meta.get("dp") is not None:
-            raise ckpt.CheckpointError(
-                f"checkpoint {tag} was written with dp={meta['dp']} × sp={meta.get('sp', 1)} ranks, this run has "
-                f"dp={self.dims.dp} × sp={self.dims.sp}; ZeRO partitions follow the layout: resume with the same "
-                "parallel.sp and number of ranks"
+        if self.resume_universal:  # DeepSpeed reads CKPT_DIR/<tag>/universal
+            path, client = self.engine.load_checkpoint(
+                str(self.ckpt_dir / tag), tag=ckpt.UNIVERSAL, load_module_strict=not self.cfg.lora.enabled,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
             )
-        path, client = self.engine.load_checkpoint(
-            str(self.ckpt_dir), tag=tag, load_module_strict=not self.cfg.lora.enabled,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
-        )
+        else:
+            path, client = self.engine.load_checkpoint(
+                str(self.ckpt_dir), tag=tag, load_module_strict=not self.cfg.lora.enabled,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
         if path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
         self.step, self.consumed_samples = int(client["step"]), int(client["consumed_samples"])
         self._last_saved_step = self.step
         self._apply_config_lr()
         self._verify_probe(meta)
-        if not ckpt.load_rng(self.ckpt_dir / tag, self.rank):
-            log.warning("no RNG state for rank %d in %s: dropout/LoRA randomness will differ", self.rank, tag)
+        if not ckpt.load_rng(self.ckpt_dir / tag, self.rank) and self.cfg.lora.dropout > 0:
+            log.warning("no RNG state for rank %d in %s: dropout randomness will differ", self.rank, tag)
         log.info("resumed from %s at step %d (%d samples consumed)", tag, self.step, self.consumed_samples)
 
     def _apply_config_lr(self) -> None:

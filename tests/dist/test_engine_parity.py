@@ -205,6 +205,52 @@ def test_resume_reproduces_uninterrupted_losses_exactly(assets, tmp_path, two_ra
     clean_shm()
 
 
+# A checkpoint of a 2-rank run resumed on another number of ranks, the global batch kept (4 rows):
+# (ZeRO layout of the 2-rank run, ranks, micro batch, grad accum) of the resumed run.
+RELAYOUTS = {
+    "zero3_dp2_to_dp1": ("zero3", 1, 2, 2),
+    "zero3_dp2_to_dp4": ("zero3", 4, 1, 1),
+    "zero2_dp2_to_dp1": ("zero2", 1, 2, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(RELAYOUTS))
+def test_resume_on_another_layout_continues_the_run(assets, tmp_path, two_rank_runs, case):
+    """dp = 2 -> dp = 1 / 4 through DeepSpeed's universal checkpoint (ZeRO partitions of the trainable
+    weights and their Adam moments re-cut for the new layout). Steps 4-6 equal the uninterrupted
+    2-rank run to RTOL: the same fp32 rows and normalisation, only the reduction order differs."""
+    layout, world, micro, accum = RELAYOUTS[case]
+    src = two_rank_runs[layout]
+    shutil.copytree(src.dir, tmp_path / "run")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ckpt_dir / "step_00000006")
+    (ckpt_dir / "latest").write_text("step_00000003")
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    cfg = tiny_run_config(assets, tmp_path / "run", zero=LAYOUTS[layout],
+                          train={"micro_batch_size": micro, "grad_accum": accum})
+    run_ranks(cfg, world, tmp_path / "logs", overrides=["--checkpoint.resume=auto"])
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "written with dp=2 × sp=1" in log and "resuming through DeepSpeed's universal checkpoint" in log
+    assert "probe loss after resume" in log
+    assert (ckpt_dir / "step_00000003" / "universal").is_dir()
+    got, want = step_losses(tmp_path / "run"), src.losses
+    assert sorted(got) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert got[s] == pytest.approx(want[s], rel=RTOL, abs=0.0), (s, got[s], want[s])
+    norms, want_norms = step_metric(tmp_path / "run", "grad_norm"), src.metric("grad_norm")
+    for s in (4, 5, 6):
+        assert norms[s] == pytest.approx(want_norms[s], rel=RTOL, abs=0.0), (s, norms[s], want_norms[s])
+    meta = ckpt_meta(ckpt_dir, "step_00000006")
+    assert (meta["dp"], meta["world_size"]) == (world, world)
+    clean_shm()
+
+
+def ckpt_meta(ckpt_dir, tag):
+    from megalong.engine import checkpoint as ckpt
+
+    return ckpt.read_meta(ckpt_dir, tag)
+
+
 def test_bf16_zero3_lora_plus_trains_close_to_fp32(assets, tmp_path, reference):
     """bf16 (peft makes fp32 adapters beside a bf16 base: they must be cast for DeepSpeed) on 2 ranks."""
     run_ranks(tiny_run_config(assets, tmp_path / "run", train={"dtype": "bf16"}), 2, tmp_path / "logs")

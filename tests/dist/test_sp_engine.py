@@ -90,14 +90,21 @@ def test_sp2_dp1_equals_sp1(assets, tmp_path, sp1, stage):
 
     meta = ckpt.read_meta(run / "checkpoints", "step_00000004")
     assert (meta["sp"], meta["dp"], meta["world_size"]) == (2, 1, 2)
-    if stage == 2:  # the same 2 ranks as sp = 1 × dp = 2 (same rows per step): another layout, refused
-        cfg["parallel"]["sp"], cfg["train"]["grad_accum"], cfg["train"]["max_steps"] = 1, 1, 6
+    if stage == 2:  # the same 2 ranks as sp = 1 × dp = 2 (same rows per step): another layout, continued
+        shutil.rmtree(run / "checkpoints" / "step_00000004")  # back to step 2, through the universal checkpoint
+        (run / "checkpoints" / "latest").write_text("step_00000002")
+        (run / "metrics.jsonl").write_text("")
+        cfg["parallel"]["sp"], cfg["train"]["grad_accum"] = 1, 1
         path = tmp_path / "other_layout.yaml"
         path.write_text(yaml.safe_dump(cfg))
         res = run_launcher(["--num_gpus", "2"], ["--config", str(path), "--checkpoint.resume=auto"])
-        assert res.returncode != 0
-        assert "written with dp=1 × sp=2 ranks, this run has dp=2 × sp=1" in res.stdout + res.stderr
-        assert ckpt.find_resume_tag(run / "checkpoints", "auto") == "step_00000004"  # nothing lost
+        assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-3000:]
+        assert "written with dp=1 × sp=2, ZeRO-2, this run has dp=2 × sp=1, ZeRO-2" in res.stdout + res.stderr
+        got, want = step_losses(run), step_losses(sp1)
+        assert sorted(got) == [3, 4]
+        for s in (3, 4):
+            assert got[s] == pytest.approx(want[s], rel=1e-5, abs=0.0), (s, got[s], want[s])
+        assert ckpt.read_meta(run / "checkpoints", "step_00000004")["sp"] == 1
 
 
 @pytest.mark.parametrize("stage", [2, 3])

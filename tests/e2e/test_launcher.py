@@ -36,7 +36,7 @@ def _check_run(run: Path, world: int) -> None:
     assert (run / "config.yaml").is_file() and json.loads((run / "ds_config.json").read_text())[
         "train_batch_size"] == 2 * world
     for r in range(world):
-        assert (run / "checkpoints" / tag / f"rng_rank{r}.pt").is_file()
+        assert (run / "checkpoints" / tag / f"rng_rank{r}.safetensors").is_file()
     assert (run / "base_model" / "config.json").is_file()  # the tiny recipe's base saved as an HF dir
 
 

@@ -32,9 +32,11 @@ def test_lr_schedules():
 def _fake_ckpt(d, step, complete=True):
     tag = ckpt.tag_for_step(step)
     (d / tag).mkdir(parents=True)
-    (d / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    (d / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 100 + bytes([step]))
+    (d / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"y" * 50)
     if complete:
-        ckpt.mark_complete(d, tag, {"step": step, "fingerprint": {"max_seq_len": 128}})
+        meta = {"step": step, "fingerprint": {"max_seq_len": 128}, "manifest": ckpt.build_manifest(d / tag)}
+        ckpt.mark_complete(d, tag, meta)
     return tag
 
 
@@ -74,3 +76,69 @@ def test_metrics_writer_appends_json_lines(tmp_path):
     w.close()
     assert [r["loss"] for r in read_metrics(tmp_path)] == [2.0, 1.5]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_damaged_checkpoints_are_skipped_by_auto_and_refused_by_name(tmp_path):
+    for s in (10, 20, 30):
+        _fake_ckpt(tmp_path, s)
+    assert set(ckpt.read_meta(tmp_path, "step_00000030")["manifest"]) == {
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    newest = tmp_path / "step_00000030" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(newest, "r+b") as f:  # truncated after the fact
+        f.truncate(20)
+    assert "has 20 bytes, 50 were saved" in ckpt.verify(tmp_path, "step_00000030")
+    assert ckpt.find_resume_tag(tmp_path, "auto") == "step_00000020"
+    with pytest.raises(ckpt.CheckpointError, match="optim_states.pt has 20 bytes, 50 were saved"):
+        ckpt.find_resume_tag(tmp_path, "step_00000030")
+    # same size, other bytes: only the hash sees it
+    p = tmp_path / "step_00000020" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    p.write_bytes(b"z" + p.read_bytes()[1:])
+    assert "does not match the sha256" in ckpt.verify(tmp_path, "step_00000020")
+    (tmp_path / "step_00000010" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    assert "model_states.pt is missing" in ckpt.verify(tmp_path, "step_00000010")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* verifies"):
+        ckpt.find_resume_tag(tmp_path, "auto")
+
+
+def test_manifest_without_hashes_still_checks_sizes(tmp_path):
+    tag = _fake_ckpt(tmp_path, 5, complete=False)
+    meta = {"step": 5, "manifest": ckpt.build_manifest(tmp_path / tag, hash_files=False)}
+    assert all("sha256" not in v for v in meta["manifest"].values())
+    ckpt.mark_complete(tmp_path, tag, meta)
+    (tmp_path / tag / "universal").mkdir()  # derived form: not part of the manifest
+    (tmp_path / tag / "universal" / "x.pt").write_bytes(b"1")
+    assert ckpt.verify(tmp_path, tag) is None
+    (tmp_path / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"short")
+    assert "5 bytes" in ckpt.verify(tmp_path, tag)
+
+
+def test_rng_state_round_trips_through_safetensors_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.standard_normal()  # numpy keeps a cached gaussian: part of the state
+    ckpt.save_rng(tmp_path, 1)
+    assert (tmp_path / "rng_rank1.safetensors").is_file() and not list(tmp_path.glob("*.pt"))
+    want = (random.random(), float(np.random.standard_normal()), float(np.random.rand()), torch.rand(3).tolist())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    assert ckpt.load_rng(tmp_path, 1)
+    got = (random.random(), float(np.random.standard_normal()), float(np.random.rand()), torch.rand(3).tolist())
+    assert got == want
+    assert not ckpt.load_rng(tmp_path, 0)  # a rank the checkpoint has no state for (another layout)
+    torch.save({"python": random.getstate()}, tmp_path / "rng_rank2.pt")  # older pickled form: never unpickled
+    assert not ckpt.load_rng(tmp_path, 2)
+
+
+def test_changed_data_file_is_refused_with_its_name(tmp_path):
+    _fake_ckpt(tmp_path, 5)
+    meta = ckpt.read_meta(tmp_path, "step_00000005")
+    meta["fingerprint"]["data_files"] = {"/data/a": "aaaa" * 16, "/data/b": "bbbb" * 16}
+    ckpt.check_compatible(meta, {"data_files": {"/data/a": "aaaa" * 16, "/data/b": "bbbb" * 16}})
+    with pytest.raises(ckpt.CheckpointError, match=r"data changed under the run: /data/b.bin/.idx now hold other"):
+        ckpt.check_compatible(meta, {"data_files": {"/data/a": "aaaa" * 16, "/data/b": "cccc" * 16}})
+    with pytest.raises(ckpt.CheckpointError, match="micro × accum × dp equals the checkpoint's train_batch"):
+        meta["fingerprint"]["train_batch"] = 4
+        ckpt.check_compatible(meta, {"train_batch": 2})
