@@ -420,6 +420,8 @@ class Trainer:
             )
             ckpt.save_rng(tag_dir, self.rank)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if liveness.is_collective_failure(e):  # a peer is gone: the train loop names it
+                raise
             free = shutil.disk_usage(self.ckpt_dir).free
             raise ckpt.CheckpointError(
                 f"rank {self.rank}: saving checkpoint {tag} failed ({str(e).strip().splitlines()[-1]}; "
