@@ -3,7 +3,10 @@
 
     python tools/eval_ppl.py --model out/x-hf --data runs/q/data/valid --seq-len 1024 --protocol longlora
 
-Prints one JSON line: ppl, loss, tokens, windows, documents, protocol, seq_len, model, data.
+Prints one JSON line: ppl, loss, tokens, windows, documents, protocol, seq_len, model, data, and how
+much of the text had long context (long_context_fraction: scored tokens with >= seq_len/2 tokens of
+context in their window; short_documents: documents with fewer than seq_len + 1 tokens). On stderr,
+the same in words. ``--require-full-context`` scores only documents that fill a window.
 """
 
 from __future__ import annotations
@@ -11,6 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from megalong.config.schema import TrainConfig
+
+
+def context_summary(res) -> str:
+    """How much of the scored text had long context, in words (stderr)."""
+    line = (f"ppl@{res.seq_len} ({res.protocol}) = {res.ppl:.4g} over {res.tokens} tokens of {res.documents} "
+            f"documents; {res.long_context_fraction:.1%} of them had >= {(res.seq_len + 1) // 2} tokens of context")
+    if res.short_documents:
+        line += (f"; {res.short_documents} of {res.documents} documents are shorter than {res.seq_len + 1} tokens "
+                 "(never a full window; --require-full-context leaves them out)")
+    if res.skipped_documents:
+        line += f"; {res.skipped_documents} documents too short, not scored"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=256, help="longlora: window start every STRIDE tokens")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first K documents")
     p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    p.add_argument("--min-doc-len", type=int, default=0,
+                   help="score only documents of at least this many tokens (default: all)")
+    p.add_argument("--require-full-context", action="store_true",
+                   help="score only documents of at least SEQ_LEN + 1 tokens (--min-doc-len SEQ_LEN+1)")
+    p.add_argument("--loss-chunk-size", type=int, default=TrainConfig.loss_chunk_size,
+                   help="tokens per lm_head chunk, as train.loss_chunk_size (0: full logits, N x V memory)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--device", default=None)
@@ -29,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar / lines on stderr")
     args = p.parse_args(argv)
+    min_doc_len = max(args.min_doc_len, args.seq_len + 1) if args.require_full_context else args.min_doc_len
 
     from megalong.config import ConfigError
     from megalong.data.indexed import DataFileError, IndexedDataset
@@ -46,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
         res = evaluate_perplexity(model, (ds[i] for i in range(n)), args.seq_len, args.protocol,
                                   stride=args.stride, batch_size=args.batch_size, max_windows=args.max_windows,
-                                  device=device, progress=not args.no_progress)
+                                  min_doc_len=min_doc_len, loss_chunk_size=args.loss_chunk_size, device=device,
+                                  progress=not args.no_progress)
     except (ConfigError, DataFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(context_summary(res), file=sys.stderr)
     print(json.dumps({**res.to_dict(), "model": args.model, "data": args.data, "attention": args.attention}))
     return 0
 

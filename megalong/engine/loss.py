@@ -9,10 +9,13 @@ ever materialising the (tokens × vocab) logits.
 At 32k tokens and a 32k vocabulary, full fp32 logits are 4 GiB (plus as much again for their
 gradient); chunks of 1024 tokens need 128 MiB. The result is a *sum* over valid tokens and their
 count, so the caller can normalise by a global token count (over grad-accumulation steps and
-data-parallel ranks) rather than averaging averages.
+data-parallel ranks) rather than averaging averages. Evaluation runs the same chunks without
+autograd (``chunked_token_losses``: per-token losses, for perplexity).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,23 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(h, weight, bias).float()  # (C, V) fp32
 
 
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                  chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(start, end, lse_c, loss_c) per chunk of ``chunk_size`` tokens; loss_c is 0 where the label is ignored.
+
+    The one chunking loop: the training forward and the no-grad evaluation both run it.
+    """
+    T = hidden.shape[0]  # hidden (T, d), labels (T,)
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        logits = _chunk_logits(hidden[s:e], weight, bias)  # (C, V)
+        lab = labels[s:e]
+        lse_c = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+        del logits  # one (C, V) buffer alive at a time
+        yield s, e, lse_c, torch.where(lab != IGNORE_INDEX, lse_c - target, torch.zeros_like(lse_c))
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int):  # noqa: D102
@@ -32,14 +52,8 @@ class _ChunkedCE(torch.autograd.Function):
         T = hidden.shape[0]
         lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, T, chunk_size):
-            e = min(T, s + chunk_size)
-            logits = _chunk_logits(hidden[s:e], weight, bias)  # (C, V)
-            lab = labels[s:e]
-            valid = lab != IGNORE_INDEX
-            lse_c = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += torch.where(valid, lse_c - target, torch.zeros_like(lse_c)).sum()
+        for s, e, lse_c, loss_c in _chunk_losses(hidden, weight, bias, labels, chunk_size):
+            total += loss_c.sum()
             lse[s:e] = lse_c
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size = chunk_size
@@ -103,6 +117,39 @@ def chunked_cross_entropy(
         raise ValueError(f"labels have {lab.shape[0]} tokens but hidden states have {h.shape[0]}")
     count = (lab != IGNORE_INDEX).sum()
     return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size)), count
+
+
+@torch.no_grad()
+def chunked_token_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-token cross-entropies without gradients (evaluation), chunk by chunk like the training loss.
+
+    Args:
+        hidden: (..., d) last hidden states.
+        weight: (V, d) output-embedding weight.
+        labels: (...) target ids aligned with ``hidden`` (already shifted); -100 is ignored.
+        bias: optional (V,) output bias.
+        chunk_size: tokens per chunk; at most one (chunk_size, V) fp32 logits buffer is alive.
+
+    Returns:
+        fp32 losses shaped like ``labels``, 0 at ignored positions.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    h = hidden.reshape(-1, hidden.shape[-1])  # (T, d)
+    lab = labels.reshape(-1)
+    if lab.shape[0] != h.shape[0]:
+        raise ValueError(f"labels have {lab.shape[0]} tokens but hidden states have {h.shape[0]}")
+    out = torch.empty(lab.shape[0], dtype=torch.float32, device=h.device)
+    for s, e, _, loss_c in _chunk_losses(h, weight, bias, lab, int(chunk_size)):
+        out[s:e] = loss_c
+    return out.view(labels.shape)
 
 
 def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

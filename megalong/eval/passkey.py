@@ -69,6 +69,11 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
 
 @torch.no_grad()
 def greedy_answer(model, prompt: list[int], n_tokens: int, device: torch.device) -> list[int]:
+    """``n_tokens`` greedy tokens after ``prompt``.
+
+    Memory: ``generate`` asks the model for the last position's logits only (``logits_to_keep=1``,
+    for Llama, Mistral and Qwen2), so a long prompt never holds (prompt × vocab) logits; a unit test
+    checks the lm_head's output shapes."""
     x = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens,
                          do_sample=False, num_beams=1, pad_token_id=getattr(model.config, "eos_token_id", 0))

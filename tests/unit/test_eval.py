@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from megalong.eval.passkey import build_prompt, run_passkey
-from megalong.eval.perplexity import evaluate_perplexity, longlora_windows, standard_windows
+from megalong.eval.perplexity import (
+    evaluate_perplexity,
+    long_context_count,
+    longlora_windows,
+    standard_windows,
+    token_losses,
+)
 
 V = 7
 
@@ -18,14 +24,33 @@ V = 7
 class PositionModel(torch.nn.Module):
     """Knows the data (token t is followed by t+1 mod V) and is more sure of itself later in a window:
     at window position p the true next token gets logit p, all others 0. Its loss at p is therefore
-    log(e^p + V - 1) - p, which the test sums by hand."""
+    log(e^p + V - 1) - p, which the test sums by hand.
+
+    Shaped like an HF causal LM: a decoder at ``.model`` whose "hidden states" are those logits, and an
+    identity lm_head, so both the full-logits and the chunked scoring paths run on it."""
+
+    base_model_prefix = "model"
+
+    def __init__(self):
+        super().__init__()
+        self.model = _PositionDecoder()
+        self.lm_head = torch.nn.Linear(V, V, bias=False)
+        self.lm_head.weight.data = torch.eye(V)
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
     def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.lm_head(self.model(input_ids).last_hidden_state))
+
+
+class _PositionDecoder(torch.nn.Module):
+    def forward(self, input_ids, use_cache=False):
         b, n = input_ids.shape
-        logits = torch.zeros(b, n, V)
+        hidden = torch.zeros(b, n, V)
         nxt = (input_ids + 1) % V
-        logits.scatter_(2, nxt.unsqueeze(-1), torch.arange(n, dtype=torch.float).expand(b, n).unsqueeze(-1))
-        return SimpleNamespace(logits=logits)
+        hidden.scatter_(2, nxt.unsqueeze(-1), torch.arange(n, dtype=torch.float).expand(b, n).unsqueeze(-1))
+        return SimpleNamespace(last_hidden_state=hidden)
 
 
 def loss_at(p: int) -> float:
@@ -38,20 +63,21 @@ def test_window_layouts():
     assert standard_windows(10, 4) == [(0, 5), (4, 9), (8, 10)]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_both_protocols_match_hand_computation(batch_size):
+@pytest.mark.parametrize("batch_size,chunk", [(1, 1024), (3, 3), (3, 0)])
+def test_both_protocols_match_hand_computation(batch_size, chunk):
     docs = [np.arange(L) % V for L in (12, 5, 9)]
     N, stride = 4, 3
     # longlora: docs with >= 5 tokens; windows start at 0,3,6,... while start+5 <= len
     #   doc 12: starts 0,3,6 (3 windows); doc 5: start 0; doc 9: starts 0,3 -> 6 windows, each 4 predictions
     window_mean = sum(loss_at(p) for p in range(N)) / N
-    res = evaluate_perplexity(PositionModel(), docs, N, "longlora", stride=stride, batch_size=batch_size)
+    res = evaluate_perplexity(PositionModel(), docs, N, "longlora", stride=stride, batch_size=batch_size,
+                              loss_chunk_size=chunk)
     assert (res.windows, res.tokens, res.documents) == (6, 24, 3)
     assert res.loss == pytest.approx(window_mean, rel=1e-6) and res.ppl == pytest.approx(math.exp(window_mean))
     # standard: doc 12 -> windows of 5,5,4 tokens (4+4+3 predictions), doc 5 -> 5 tokens (4), doc 9 -> 5,5 (4+4)
     preds = [4, 4, 3, 4, 4, 4]
     total = sum(sum(loss_at(p) for p in range(k)) for k in preds)
-    res = evaluate_perplexity(PositionModel(), docs, N, "standard", batch_size=batch_size)
+    res = evaluate_perplexity(PositionModel(), docs, N, "standard", batch_size=batch_size, loss_chunk_size=chunk)
     assert (res.windows, res.tokens) == (6, sum(preds)) == (6, 23)
     assert res.loss == pytest.approx(total / 23, rel=1e-6)
     assert res.loss != pytest.approx(window_mean)  # the protocols weigh windows differently
@@ -60,6 +86,70 @@ def test_both_protocols_match_hand_computation(batch_size):
 def test_no_long_enough_document_is_an_error():
     with pytest.raises(ValueError, match="no document"):
         evaluate_perplexity(PositionModel(), [np.arange(3)], 8, "longlora")
+
+
+def test_long_context_counts_are_exact_and_min_doc_len_leaves_short_documents_out():
+    assert [long_context_count(L, 7) for L in (7, 3, 4)] == [4, 0, 1]  # contexts >= 4 of 1..L
+    docs = [np.arange(L) % V for L in (20, 5, 9, 1)]
+    N = 8  # long context: >= 4 tokens; a window of L predictions has L - 3 such tokens
+    # standard: doc 20 -> 8, 8, 3 predictions (5 + 5 + 0 long); doc 5 -> 4 (1, and short); doc 9 -> 8 (5); doc 1: none
+    res = evaluate_perplexity(PositionModel(), docs, N, "standard")
+    assert (res.tokens, res.long_context_tokens, res.documents, res.short_documents, res.skipped_documents) == (
+        31, 16, 3, 1, 1)
+    assert res.long_context_fraction == 16 / 31
+    full = evaluate_perplexity(PositionModel(), docs, N, "standard", min_doc_len=N + 1)  # docs 20 and 9
+    assert (full.tokens, full.long_context_tokens, full.documents, full.short_documents,
+            full.skipped_documents, full.min_doc_len) == (24 + 3, 15, 2, 0, 2, 9)
+    # longlora, stride 4: doc 20 -> starts 0, 4, 8; doc 9 -> start 0; 4 full windows of 8 (5 long each)
+    ll = evaluate_perplexity(PositionModel(), docs, N, "longlora", stride=4)
+    assert (ll.windows, ll.tokens, ll.long_context_tokens, ll.short_documents, ll.skipped_documents) == (
+        4, 32, 20, 0, 2)
+    with pytest.raises(ValueError, match="lower --min-doc-len"):
+        evaluate_perplexity(PositionModel(), docs, N, "standard", min_doc_len=21)
+
+
+@pytest.mark.parametrize("family,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                         ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 2})])
+def test_chunked_scoring_equals_full_logits_on_random_models(family, over):
+    from megalong.models import create_model
+    from megalong.models.loading import lm_head_of
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = create_model(tiny_config(family, **over)).eval()
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    if over.get("tie_word_embeddings"):
+        assert lm_head_of(model).weight is model.get_input_embeddings().weight
+    x = torch.randint(0, 96, (2, 41))  # N = 40 predictions per row
+    with torch.no_grad():
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    for chunk in (8, 7, 40, 1000):  # divides N, does not, N itself, more than N
+        out = token_losses(model, x, chunk)
+        assert out.shape == ref.shape == (2, 40)
+        torch.testing.assert_close(out.sum(), ref.sum(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(token_losses(model, x, 0), ref)
+
+
+def test_chunked_scoring_of_a_peft_wrapped_model():
+    from peft import LoraConfig, get_peft_model
+
+    from megalong.models import create_model
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(create_model(tiny_config("llama")), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a LoRA that changes the output
+    model.eval()
+    x = torch.randint(0, 96, (1, 30))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(input_ids=x[:, :-1]).logits.float()[0], x[0, 1:],
+                                                reduction="none")
+    torch.testing.assert_close(token_losses(model, x, 6)[0], ref, rtol=1e-5, atol=1e-5)
 
 
 class _Tok:
@@ -130,6 +220,52 @@ def test_eval_ppl_cli_on_a_real_model_and_a_too_large_vocabulary(assets, tmp_pat
     save_hf_model(create_model(tiny_config("llama", vocab_size=96)), small)
     assert eval_ppl.main(["--model", str(small), "--data", assets["valid"], "--seq-len", "64"]) == 2
     assert "vocabulary has only 96" in capsys.readouterr().err
+
+
+def test_eval_ppl_cli_reports_long_context_and_require_full_context(tmp_path, capsys):
+    import json
+
+    from megalong.data.indexed import IndexedDatasetBuilder
+    from megalong.models import create_model, save_hf_model
+    from tests.conftest import tiny_config
+    from tools import eval_ppl
+
+    lengths = [70, 10, 33, 20]  # at --seq-len 32: two documents fill a window (70, 33), two do not
+    with IndexedDatasetBuilder(tmp_path / "docs") as b:
+        b.add_documents(np.arange(sum(lengths)) % 90, lengths)
+        b.finalize()
+    torch.manual_seed(0)
+    save_hf_model(create_model(tiny_config("llama")), tmp_path / "m")
+    base = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "docs"), "--seq-len", "32",
+            "--protocol", "standard", "--no-progress"]
+    assert eval_ppl.main(base + ["--loss-chunk-size", "5"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out.strip())
+    # windows: 70 -> 32, 32, 5 predictions; 10 -> 9; 33 -> 32; 20 -> 19; long (>= 16 of context): L - 15
+    assert (res["tokens"], res["long_context_tokens"], res["documents"], res["short_documents"]) == (
+        129, 17 + 17 + 0 + 0 + 17 + 4, 4, 2)
+    assert res["loss_chunk_size"] == 5 and "2 of 4 documents are shorter than 33 tokens" in out.err
+    assert eval_ppl.main(base + ["--loss-chunk-size", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["ppl"] == pytest.approx(res["ppl"], rel=1e-5)
+    assert eval_ppl.main(base + ["--require-full-context"]) == 0
+    full = json.loads(capsys.readouterr().out.strip())
+    assert (full["documents"], full["short_documents"], full["skipped_documents"], full["min_doc_len"]) == (2, 0, 2, 33)
+    assert eval_ppl.main(base + ["--min-doc-len", "71"]) == 2
+    assert "lower --min-doc-len or without --require-full-context" in capsys.readouterr().err
+
+
+def test_passkey_generation_computes_logits_only_at_answer_positions():
+    from megalong.eval.passkey import greedy_answer
+    from megalong.models import create_model
+    from tests.conftest import tiny_config
+
+    model = create_model(tiny_config("llama", vocab_size=128, max_position_embeddings=512)).eval()
+    model.generation_config.eos_token_id = None  # a random model may emit EOS; decode all 4 tokens
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, inp, out: seen.append(tuple(out.shape)))
+    prompt = build_prompt(_Tok().encode, 300, 0.5, 12345)
+    answer = greedy_answer(model, prompt, 4, torch.device("cpu"))
+    assert len(answer) == 4 and seen == [(1, 1, 128)] * 4  # never (1, len(prompt), V)
 
 
 def test_passkey_cli_without_matplotlib_writes_the_json_and_says_how_to_get_the_plot(

@@ -64,3 +64,17 @@ def test_shape_mismatch_is_an_error():
     h, w, labels = _inputs(1, 5, 4, 7)
     with pytest.raises(ValueError, match="labels have"):
         chunked_cross_entropy(h, w, labels[:, :4])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_token_losses_equal_plain_per_token_cross_entropy_without_grad(chunk):
+    from megalong.engine.loss import chunked_token_losses
+
+    h, w, labels = _inputs(2, 37, 16, 53)
+    b = torch.randn(53)
+    out = chunked_token_losses(h, w, labels, bias=b, chunk_size=chunk)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b).transpose(1, 2), labels,
+                                            reduction="none")  # (B, N), 0 where ignored
+    assert out.shape == labels.shape and out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(out[labels == -100]) == 0
