@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from megalong.engine import checkpoint as ckpt
 from tests.assets import (
@@ -171,3 +172,61 @@ def test_zero3_loads_the_base_partitioned(assets, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["frozen"] > 0 and out["partitioned"] == out["frozen"]
     assert out["local_numel"] == 0 and out["full_numel"] > 100_000
+
+
+def test_sigkill_of_a_rank_stops_the_run_naming_it_and_resume_continues_exactly(assets, tmp_path):
+    """kill -9 of rank 1 mid-training under the real launcher: rank 0 stops at once (gloo sees the
+    closed connection; at the latest after parallel.init_timeout_s) naming rank 1, the launcher exits
+    non-zero, nothing is saved after the failure, and --checkpoint.resume=auto reproduces an
+    uninterrupted run's losses bit for bit."""
+    import os
+
+    from tests.assets import free_port, port_was_taken, run_launcher, start_launcher, step_metric
+
+    timeout_s = 30
+    paths = {}
+    for name in ("run", "ref"):
+        cfg = tiny_run_config(assets, tmp_path / name, train={"max_steps": 9}, parallel={"init_timeout_s": timeout_s})
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg))
+    run, log = tmp_path / "run", tmp_path / "launcher.log"
+    metrics = run / "metrics.jsonl"
+    for _attempt in range(3):  # slowed down so that the kill lands mid-run, after the step-3 checkpoint
+        proc = start_launcher(["--num_gpus", "2"], ["--sleep-per-step", "0.5", "--", "--config", str(paths["run"])],
+                              log, free_port(), script="tests/dist/worker.py")
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and (
+                not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+            time.sleep(0.1)
+        if proc.poll() is None or not port_was_taken(log.read_text()):
+            break
+    assert proc.poll() is None and len(metrics.read_text().splitlines()) >= 4, log.read_text()[-4000:]
+    victim = json.loads((run / "heartbeats" / "rank00001.json").read_text())["pid"]
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    code = proc.wait(timeout=90)
+    stopped_after = time.monotonic() - t0
+    clean_shm()
+    out = log.read_text()
+    print(f"kill -9 of rank 1 -> launcher exit {code} after {stopped_after:.1f} s")
+    assert code != 0 and stopped_after < timeout_s, (code, stopped_after, out[-4000:])
+    assert f"stopped: rank 0: lost contact with rank 1 (pid {victim} on host " in out, out[-4000:]
+    before = [json.loads(x) for x in metrics.read_text().splitlines()]
+    killed_at = before[-1]["step"]
+    ckpt_dir = run / "checkpoints"
+    tag = (ckpt_dir / "latest").read_text()
+    resume_step = ckpt.read_meta(ckpt_dir, tag)["step"]
+    assert f"resume with --checkpoint.resume=auto from {ckpt_dir / tag}" in out
+    assert resume_step in (3, 6) and resume_step <= killed_at < 9
+    assert [t for _, t in ckpt.complete_tags(ckpt_dir)][-1] == tag  # nothing completed after the failure
+
+    res = run_launcher(["--num_gpus", "2"], ["--config", str(paths["run"]), "--checkpoint.resume=auto"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_launcher(["--num_gpus", "2"], ["--config", str(paths["ref"])])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    after = [json.loads(x) for x in metrics.read_text().splitlines()][len(before):]
+    assert [r["step"] for r in after] == list(range(resume_step + 1, 10))
+    for key in ("loss", "grad_norm"):
+        ref = step_metric(tmp_path / "ref", key)
+        assert {r["step"]: r[key] for r in after} == {s: ref[s] for s in range(resume_step + 1, 10)}, key
+        assert {r["step"]: r[key] for r in before} == {s: ref[s] for s in range(1, killed_at + 1)}, key
