@@ -230,3 +230,64 @@ def test_sigkill_of_a_rank_stops_the_run_naming_it_and_resume_continues_exactly(
         ref = step_metric(tmp_path / "ref", key)
         assert {r["step"]: r[key] for r in after} == {s: ref[s] for s in range(resume_step + 1, 10)}, key
         assert {r["step"]: r[key] for r in before} == {s: ref[s] for s in range(1, killed_at + 1)}, key
+
+
+HUNG_PEER_PROBE = r"""
+import datetime, json, os, signal, sys, time
+import torch, torch.distributed as dist
+from megalong.engine import liveness
+beats, rank = sys.argv[1], int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(sys.argv[2])))
+hb = liveness.Heartbeat(beats, rank, interval_s=0.2)
+t = torch.ones(1)
+dist.all_reduce(t)
+hb.update(1)
+if rank == 1:
+    time.sleep(2.0)  # rank 0 waits inside all_reduce meanwhile
+    dist.all_reduce(t)
+    os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, sockets open, silent
+first = liveness.read_beats(beats, 2)[0]["beat"]
+t0 = time.monotonic()
+dist.all_reduce(t)
+out = {"beats_while_waiting": liveness.read_beats(beats, 2)[0]["beat"] - first, "waited": time.monotonic() - t0}
+t0 = time.monotonic()
+try:
+    dist.all_reduce(t)
+except Exception as e:
+    out["failed_after"] = time.monotonic() - t0
+    out["error"] = str(liveness.lost_rank_error(e, beats, 0, 2, 1, "CKPT"))
+print(json.dumps(out), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_hung_peer_is_named_after_the_process_group_timeout(tmp_path):
+    """A peer that hangs with its sockets open (SIGSTOP) gives no connection error: the survivor's
+    collective fails at the process-group timeout, and the heartbeats name the peer. Also: a live
+    rank keeps beating while it waits inside a collective (what the cross-host diagnosis relies on)."""
+    import subprocess
+    import sys
+
+    from tests.assets import REPO, free_port, port_was_taken, rank_env
+
+    timeout_s = 3
+    for _attempt in range(3):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", HUNG_PEER_PROBE, str(tmp_path / "beats"), str(timeout_s)],
+                                  cwd=REPO, env=rank_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for r in range(2)]
+        try:
+            out, err = procs[0].communicate(timeout=60)
+        finally:
+            procs[1].kill()  # stopped or not, SIGKILL ends it
+            procs[1].communicate()
+        if procs[0].returncode == 0 or not port_was_taken(err):
+            break
+    assert procs[0].returncode == 0, err[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    print({k: v for k, v in res.items() if k != "error"})
+    assert res["waited"] > 1.5 and res["beats_while_waiting"] >= 3, res
+    assert timeout_s - 0.5 < res["failed_after"] < timeout_s + 5, res
+    assert res["error"].startswith(f"rank 0: lost contact with rank 1 (pid {procs[1].pid} on host "), res
+    assert "the process is stopped; last seen at step 1" in res["error"]
+    assert "during all_reduce at step 2 (process-group timeout)" in res["error"] and "from CKPT" in res["error"]
