@@ -33,6 +33,22 @@ def init_distributed(timeout_s: int, backend: str | None = None) -> None:
     )
 
 
+def world_timeout() -> datetime.timedelta | None:
+    """The default process group's timeout (``parallel.init_timeout_s``), or None if unreadable.
+
+    ``dist.new_group`` does not inherit it: without an explicit timeout a new group waits torch's
+    default (30 min for gloo, 10 min for NCCL) for a peer that hangs."""
+    import torch
+
+    pg = dist.group.WORLD
+    for device in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001 - private API, or no backend for this device
+            continue
+    return None
+
+
 @dataclass
 class ParallelDims:
     """Validated layout of ranks. ``build()`` creates every process group (collective, all ranks)."""
@@ -73,18 +89,20 @@ class ParallelDims:
         return list(range(r % self.sp, self.world, self.sp))
 
     def build(self) -> ParallelDims:
-        """Create the sp, dp and model-parallel (self) groups; every rank must call this."""
+        """Create the sp, dp and model-parallel (self) groups, with the default group's timeout;
+        every rank must call this."""
         if not dist.is_initialized():
             self.groups = {"sp": None, "dp": None, "mp": None, "world": None}
             return self
+        timeout = world_timeout()
         for name, fn in (("sp", self.sp_group_ranks), ("dp", self.dp_group_ranks)):
             starts = sorted({tuple(fn(r)) for r in range(self.world)})
             for ranks in starts:
-                g = dist.new_group(list(ranks))
+                g = dist.new_group(list(ranks), timeout=timeout)
                 if self.rank in ranks:
                     self.groups[name] = g
         for r in range(self.world):
-            g = dist.new_group([r])
+            g = dist.new_group([r], timeout=timeout)
             if r == self.rank:
                 self.groups["mp"] = g
         self.groups["world"] = dist.group.WORLD

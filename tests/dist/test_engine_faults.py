@@ -236,8 +236,10 @@ HUNG_PEER_PROBE = r"""
 import datetime, json, os, signal, sys, time
 import torch, torch.distributed as dist
 from megalong.engine import liveness
+from megalong.parallel.dims import ParallelDims
 beats, rank = sys.argv[1], int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(sys.argv[2])))
+dp = ParallelDims(world=2, sp=1, rank=rank).build().groups["dp"]  # a new group: must inherit the timeout
 hb = liveness.Heartbeat(beats, rank, interval_s=0.2)
 t = torch.ones(1)
 dist.all_reduce(t)
@@ -252,7 +254,7 @@ dist.all_reduce(t)
 out = {"beats_while_waiting": liveness.read_beats(beats, 2)[0]["beat"] - first, "waited": time.monotonic() - t0}
 t0 = time.monotonic()
 try:
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=dp)
 except Exception as e:
     out["failed_after"] = time.monotonic() - t0
     out["error"] = str(liveness.lost_rank_error(e, beats, 0, 2, 1, "CKPT"))
@@ -263,7 +265,8 @@ os._exit(0)
 
 def test_a_hung_peer_is_named_after_the_process_group_timeout(tmp_path):
     """A peer that hangs with its sockets open (SIGSTOP) gives no connection error: the survivor's
-    collective fails at the process-group timeout, and the heartbeats name the peer. Also: a live
+    collective (on a data-parallel group, which torch would otherwise give a 30 min default) fails at
+    the process-group timeout, and the heartbeats name the peer. Also: a live
     rank keeps beating while it waits inside a collective (what the cross-host diagnosis relies on)."""
     import subprocess
     import sys
@@ -279,8 +282,9 @@ def test_a_hung_peer_is_named_after_the_process_group_timeout(tmp_path):
         try:
             out, err = procs[0].communicate(timeout=60)
         finally:
-            procs[1].kill()  # stopped or not, SIGKILL ends it
-            procs[1].communicate()
+            for p in procs:  # stopped or not, SIGKILL ends it
+                p.kill()
+                p.communicate()
         if procs[0].returncode == 0 or not port_was_taken(err):
             break
     assert procs[0].returncode == 0, err[-3000:]
