@@ -202,8 +202,9 @@ class Trainer:
             if self.step >= cfg.train.max_steps and cfg.checkpoint.save_at_end and self._last_saved_step != self.step:
                 self.save()
         except Exception as exc:  # a failed collective never reaches save(): no partial checkpoint, `latest` stays
-            lost = beat and self._lost_rank(exc, beat)
-            end = ("peer-lost", str(lost)) if lost else ("error", f"{type(exc).__name__}: {exc}"[:300])
+            collective = beat is not None and liveness.is_collective_failure(exc)  # a survivor, not the cause
+            lost = self._lost_rank(exc, beat) if collective else None
+            end = ("peer-lost" if collective else "error", (str(lost) if lost else f"{type(exc).__name__}: {exc}")[:300])
             if lost:
                 raise lost from exc
             raise
@@ -216,9 +217,7 @@ class Trainer:
         return last
 
     def _lost_rank(self, exc: BaseException, beat: liveness.Heartbeat) -> liveness.LostRankError | None:
-        """A LostRankError naming the peer when ``exc`` is a collective that failed because a peer is gone."""
-        if not liveness.is_collective_failure(exc):
-            return None
+        """A LostRankError naming the peer that made the collective ``exc`` fail, if one is shown to be gone."""
         beat.set_state("peer-lost")  # other survivors must not take this rank for the cause
         try:
             tag = ckpt.find_resume_tag(self.ckpt_dir, "auto")
