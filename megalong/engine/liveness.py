@@ -236,7 +236,8 @@ def collective_of(exc: BaseException) -> str:
 def lost_rank_error(exc: BaseException, directory: Path, me: int, world: int, step: int,
                     resume_from: str | None, watch_s: float = 3 * INTERVAL_S) -> LostRankError | None:
     """The error to stop with when ``exc`` is a collective that failed because a peer is gone; None
-    when ``exc`` is something else or no peer can be shown to be gone (then ``exc`` stands)."""
+    when ``exc`` is something else or no peer can be shown to be gone (then ``exc`` stands).
+    ``step`` is this rank's last completed step, ``resume_from`` the newest complete checkpoint."""
     exc = collective_cause(exc)
     if exc is None:
         return None
@@ -252,6 +253,6 @@ def lost_rank_error(exc: BaseException, directory: Path, me: int, world: int, st
               "there is no complete checkpoint yet: a rerun starts from step 0")
     return LostRankError(
         f"rank {me}: lost contact with {', '.join(x.describe() for x in lost)} during {collective_of(exc)} "
-        f"at step {step + 1}{' (process-group timeout)' if timed_out else ''}; the run stops, nothing was saved "
+        f"after step {step}{' (process-group timeout)' if timed_out else ''}; the run stops, nothing was saved "
         f"after the last checkpoint; {resume}. [{type(exc).__name__}: {first_line}]"
     )

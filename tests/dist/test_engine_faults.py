@@ -294,4 +294,4 @@ def test_a_hung_peer_is_named_after_the_process_group_timeout(tmp_path):
     assert timeout_s - 0.5 < res["failed_after"] < timeout_s + 5, res
     assert res["error"].startswith(f"rank 0: lost contact with rank 1 (pid {procs[1].pid} on host "), res
     assert "the process is stopped; last seen at step 1" in res["error"]
-    assert "during all_reduce at step 2 (process-group timeout)" in res["error"] and "from CKPT" in res["error"]
+    assert "during all_reduce after step 1 (process-group timeout)" in res["error"] and "from CKPT" in res["error"]

@@ -127,7 +127,7 @@ def test_lost_rank_error_names_the_rank_the_collective_and_the_resume_point(tmp_
     msg = str(err)
     assert isinstance(err, liveness.LostRankError)
     assert msg.startswith(f"rank 0: lost contact with rank 1 (pid {child.pid} on host ")
-    assert "the process is gone; last seen at step 7" in msg and "during all_reduce at step 5" in msg
+    assert "the process is gone; last seen at step 7" in msg and "during all_reduce after step 4" in msg
     assert "resume with --checkpoint.resume=auto from /runs/x/checkpoints/step_00000003" in msg
     assert "no complete checkpoint yet" in str(liveness.lost_rank_error(exc, tmp_path, 0, 2, 4, None))
 
