@@ -23,7 +23,7 @@ quickstart: install
 	bash launch/quickstart.sh
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit
