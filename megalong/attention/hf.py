@@ -57,6 +57,8 @@ class AttentionSpec:
     """S²-Attn group size G; None for full attention."""
     backend: str = "sdpa"
     """Kernel: ``sdpa``, ``flash`` or ``reference``."""
+    shift: bool = True
+    """False: short attention (the S²-Attn groups, no shifted heads; LongLoRA's pilot baseline)."""
 
 
 def _spec(module: nn.Module) -> AttentionSpec:
@@ -193,6 +195,9 @@ def s2_attention_forward(
     group_size = _group_size(module)
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel: this rank's queries over [halo ‖ local] keys (megalong.parallel)
+        if not _spec(module).shift:
+            raise ValueError("short attention (attention.train=short) is not built for sequence parallelism; "
+                             "use parallel.sp=1")
         out = sp.attend(query, key, value, group_size, _spec(module).backend, scaling)
         return out.transpose(1, 2), None  # (B, L, H, Dv)
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -213,7 +218,8 @@ def s2_attention_forward(
         )
     docs = _documents(attention_mask, kwargs.get("segment_ids"), kwargs.get("position_ids"), query.shape[0])
     backend = _spec(module).backend
-    out = s2_attention(query, key, value, group_size, backend=backend, segment_ids=docs, scale=scaling)
+    out = s2_attention(query, key, value, group_size, backend=backend, segment_ids=docs, scale=scaling,
+                       shift=_spec(module).shift)
     return out.transpose(1, 2), None  # (B, N, H, Dv)
 
 
@@ -301,30 +307,32 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _switch(model: nn.Module, implementation: str, group_size: int | None, backend: str) -> nn.Module:
+def _switch(model: nn.Module, implementation: str, group_size: int | None, backend: str,
+            shift: bool = True) -> nn.Module:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; 'sdpa' works everywhere")
     register_attention()
     base = unwrap_model(model)
     for module in attention_modules(base):
-        setattr(module, SPEC_ATTR, AttentionSpec(group_size, backend))
+        setattr(module, SPEC_ATTR, AttentionSpec(group_size, backend, shift))
     base.set_attn_implementation(implementation)
     return model
 
 
-def use_s2_attention(model: nn.Module, group_size: int, backend: str = "sdpa") -> nn.Module:
+def use_s2_attention(model: nn.Module, group_size: int, backend: str = "sdpa", shift: bool = True) -> nn.Module:
     """Switch every attention layer to S²-Attn with group size G (training).
 
     Args:
         model: a transformers causal LM, or its peft / DeepSpeed / DDP wrapper.
         group_size: G, even; from the run config (LongLoRA: max_seq_len // 4), not the batch.
         backend: "sdpa", "flash" or "reference".
+        shift: False gives short attention: the same groups, no shifted heads.
 
     Returns:
         The same ``model`` (modified in place).
     """
     check_group_size(group_size)
-    return _switch(model, S2_IMPLEMENTATION, group_size, backend)
+    return _switch(model, S2_IMPLEMENTATION, group_size, backend, shift)
 
 
 def use_full_attention(model: nn.Module, backend: str = "sdpa") -> nn.Module:

@@ -11,6 +11,10 @@ row, with x the position inside the document, group size G (even) and head h of 
     half 0 groups          [ 0 . . . . . . . ][ 1 . . . . . . . ][ 2 . . ]
     half 1 groups          [ 0 . . ][ 1 . . . . . . . ][ 2 . . . . . . . ]
 
+Short attention (LongLoRA's pilot-study baseline) is the same kernel with ``shift=False``: every
+head uses the half-0 groups grp0, i.e. blockwise-causal attention inside groups and nothing across
+them; only the shifted half differs from S²-Attn.
+
 No wrap-around: LongLoRA's roll-based version lets the first tokens of the shifted half attend
 to the last ones (a future-token leak); here the shifted half simply starts with a half group.
 N need not be a multiple of G; groups at the end may be partial; a row shorter than G/2 is one
@@ -28,6 +32,7 @@ padding mask as well, merge it first with ``combine_segments_and_padding``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -117,19 +122,19 @@ def _doc_ids_and_positions(segment_ids: torch.Tensor | None, batch: int, seq_len
 
 def s2_mask(
     batch: int, num_heads: int, seq_len: int, group_size: int, segment_ids: torch.Tensor | None, device,
-    positions: torch.Tensor | None = None, heads: HeadLayout | None = None,
+    positions: torch.Tensor | None = None, heads: HeadLayout | None = None, shift: bool = True,
 ) -> torch.Tensor:
     """Dense (B, H, N, N) boolean S²-Attn mask straight from the formula (True = may attend).
 
     ``positions``: position of each token inside its document (default: counted from the row and
     document starts). ``heads``: which of the layer's heads these are (the half follows the global
-    head index; default: all of them)."""
+    head index; default: all of them). ``shift=False``: short attention (no head is shifted)."""
     docs, pos = _doc_ids_and_positions(segment_ids, batch, seq_len, device, positions)
     ar = torch.arange(seq_len, device=device)
     allowed = (ar[None, :] <= ar[:, None]) & (docs[:, :, None] == docs[:, None, :])  # (B, N, N)
     halves = []
-    for shift in (0, group_size // 2):
-        grp = (pos + shift) // group_size  # (B, N)
+    for offset in (0, group_size // 2 if shift else 0):
+        grp = (pos + offset) // group_size  # (B, N)
         halves.append(allowed & (grp[:, :, None] == grp[:, None, :]))
     mid, q0 = (heads.num_heads // 2, heads.q_start) if heads is not None else (num_heads // 2, 0)
     half_of_head = torch.tensor([int(q0 + h >= mid) for h in range(num_heads)], device=device)
@@ -171,6 +176,7 @@ def s2_attention(
     q_offset: int = 0,
     positions: torch.Tensor | None = None,
     heads: HeadLayout | None = None,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Shifted sparse attention (LongLoRA's S²-Attn), causal and leak-free.
 
@@ -190,6 +196,8 @@ def s2_attention(
             starts a document. Default: rows begin at a document start.
         heads: which of the layer's heads q/k/v hold (HeadLayout; the shifted half follows the
             global head index). Default: all of them.
+        shift: False gives short attention (LongLoRA's pilot-study baseline): the second half of
+            the heads uses the unshifted groups too, so no head attends across a group boundary.
 
     Returns:
         (B, H, N - q_offset, D_v) attention output.
@@ -207,10 +215,12 @@ def s2_attention(
     if q_offset:  # queries for the halo keys: zeros, computed and dropped (no gradient reaches them)
         q = torch.cat([q.new_zeros(batch, num_heads, q_offset, q.shape[3]), q], dim=2)
     if backend == "reference":
-        allowed = s2_mask(batch, num_heads, seq_len, group_size, segment_ids, q.device, positions, heads)
+        allowed = s2_mask(batch, num_heads, seq_len, group_size, segment_ids, q.device, positions, heads, shift)
         out = reference_attention(q, k, v, allowed, scale, heads)
     else:
         halves = split_halves(num_heads, k.shape[1], heads)
+        if not shift:  # short attention: the second half keeps its kv heads but not its shift
+            halves = tuple(replace(h, shifted=False) for h in halves)
         kernel = s2_flash if backend == "flash" else s2_sdpa
         out = kernel(q, k, v, group_size, segment_ids, scale, positions, halves).transpose(1, 2)
     return out[:, :, q_offset:] if q_offset else out

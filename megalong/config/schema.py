@@ -97,7 +97,8 @@ class RopeConfig:
 @dataclass
 class AttentionConfig:
     train: str = "s2"
-    """Attention used for training: ``s2`` (shifted sparse, LongLoRA) or ``full``."""
+    """Attention used for training: ``s2`` (shifted sparse, LongLoRA), ``full``, or ``short`` (the S²-Attn
+    groups without the shifted heads: LongLoRA's pilot-study baseline, not a method to train with)."""
     backend: str = "sdpa"
     """Kernel: ``sdpa`` (CPU/GPU, no extra install), ``flash`` (flash-attn, GPU) or ``reference`` (slow, exact)."""
     group_size: int | None = None
@@ -108,7 +109,7 @@ class AttentionConfig:
     """Attention used for evaluation: ``full`` or ``s2``."""
 
     def __post_init__(self) -> None:
-        _one_of("attention.train", self.train, ("s2", "full"))
+        _one_of("attention.train", self.train, ("s2", "full", "short"))
         _one_of("attention.eval", self.eval, ("s2", "full"))
         _one_of("attention.backend", self.backend, ("sdpa", "flash", "reference"))
         if self.group_size is not None:
@@ -121,6 +122,8 @@ class AttentionConfig:
 
 
 LORA_TRAINABLE = ("embed", "norm", "lm_head")
+GROUPED_ATTENTION = ("s2", "short")
+"""Training attentions that split rows into groups of ``Config.group_size`` tokens."""
 
 
 @dataclass
@@ -337,7 +340,7 @@ class Config:
     def __post_init__(self) -> None:
         g = self.group_size
         n = self.data.max_seq_len
-        if self.attention.train == "s2" or self.attention.eval == "s2":
+        if self.attention.train in GROUPED_ATTENTION or self.attention.eval == "s2":
             _check(
                 g % 2 == 0 and g >= 2,
                 f"S²-Attn group size {g} (data.max_seq_len={n} × attention.group_size_ratio="

@@ -53,6 +53,9 @@ def check_layout(cfg: Config, world: int) -> list[Finding]:
         if cfg.parallel.sp_mode != "s2_halo":
             out.append(Finding("error", "parallel", f"parallel.sp_mode={cfg.parallel.sp_mode!r} is not built yet; "
                                                     "use parallel.sp_mode=s2_halo"))
+        if cfg.attention.train == "short":
+            out.append(Finding("error", "parallel", "attention.train=short (the pilot-study baseline) is not built "
+                                                    "for sequence parallelism; use parallel.sp=1"))
         n = cfg.data.max_seq_len
         if n % sp:
             out.append(Finding("error", "parallel", f"parallel.sp={sp} does not divide data.max_seq_len={n}; use a "
@@ -95,7 +98,8 @@ def check_attention(cfg: Config, hf: Any, accelerator: str) -> list[Finding]:
 
     out = []
     window = sliding_window_of(hf)
-    if window is not None and "s2" in (cfg.attention.train, cfg.attention.eval) and cfg.group_size > window:
+    grouped = cfg.attention.train in ("s2", "short") or cfg.attention.eval == "s2"
+    if window is not None and grouped and cfg.group_size > window:
         out.append(Finding("error", "attention",
                            f"{hf.model_type} has sliding_window={window} but the S²-Attn group size is "
                            f"{cfg.group_size}: a group would reach past the window; set attention.group_size <= "

@@ -264,7 +264,8 @@ def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: flo
         zero_init=cfg.model.zero_init,
         activation_checkpointing="none" if t.activation_checkpointing == "none" else "layer",
         cpu_checkpointing=t.cpu_checkpointing,
-        attention=cfg.attention.train if cfg.attention.backend != "reference" else "full",
+        # short attention holds the same groups as S²-Attn: the same memory
+        attention="full" if cfg.attention.backend == "reference" or cfg.attention.train == "full" else "s2",
         group_size=cfg.group_size,
         attention_kernel="eager" if cfg.attention.backend == "reference" else "flash",
         dtype=t.dtype, lora=cfg.lora.enabled, lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),

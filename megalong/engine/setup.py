@@ -156,12 +156,12 @@ def materialize_base_model(cfg: Config, run_dir: Path, tokenizer, is_main: bool,
 
 
 def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
-    """Switch the model to the training (S²-Attn or full) or evaluation attention."""
+    """Switch the model to the training (S²-Attn, short or full) or evaluation attention."""
     from megalong.attention import use_full_attention, use_s2_attention
 
     kind = cfg.attention.train if mode == "train" else cfg.attention.eval
-    if kind == "s2":
-        use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend)
+    if kind in ("s2", "short"):  # short: the same groups and kernel, no shifted heads
+        use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend, shift=kind == "s2")
     else:
         use_full_attention(model, backend=cfg.attention.backend)
 

@@ -171,7 +171,7 @@ class Trainer:
 
     def _attn_span(self) -> float:
         n = self.cfg.data.max_seq_len
-        return self.cfg.group_size / 2 if self.cfg.attention.train == "s2" else n / 2
+        return self.cfg.group_size / 2 if self.cfg.attention.train in ("s2", "short") else n / 2
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict:

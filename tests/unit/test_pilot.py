@@ -1,0 +1,159 @@
+"""The pilot study's plan (variants x factors x seeds -> configs), the tie rule and the renderer.
+
+Nothing here trains or reads the committed results: the plan is checked through the real config
+loader, the renderer on a small made-up results dict.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megalong.config.loader import load_config
+from megalong.config.schema import ConfigError
+from megalong.eval.pilot import VARIANTS, Cell, StudySpec, cells, is_tie, plan_runs
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import pilot_render  # noqa: E402
+
+
+def _spec(name: str = "cpu.yaml", **over) -> StudySpec:
+    data = yaml.safe_load((REPO / "launch/configs/pilot" / name).read_text())
+    return StudySpec.from_dict({**data, **over})
+
+
+def _configs(spec: StudySpec):
+    runs = plan_runs(spec, "runs/pilot/cpu/base_hf", "runs/pilot/cpu/runs")
+    return runs, [load_config(REPO / spec.extend_recipe, list(r.overrides)) for r in runs]
+
+
+def test_cpu_plan_is_every_variant_factor_and_seed():
+    spec = _spec()
+    runs, cfgs = _configs(spec)
+    assert len(runs) == 7 * 2 * 2 and len({r.name for r in runs}) == len(runs)
+    assert {(r.variant, r.factor, r.seed) for r in runs} == {(v, f, s) for v in VARIANTS for f in (4, 8) for s in (1, 2)}
+    for run, cfg in zip(runs, cfgs):
+        variant = VARIANTS[run.variant]
+        assert cfg.attention.train == variant.attention and cfg.attention.eval == "full"
+        if variant.trainable is None:
+            assert not cfg.lora.enabled
+        else:
+            assert cfg.lora.enabled and sorted(cfg.lora.trainable) == sorted(variant.trainable)
+        assert cfg.data.max_seq_len == run.seq_len == 256 * run.factor
+        assert cfg.rope.type == "linear" and cfg.rope_target_length == run.seq_len
+        assert cfg.group_size == run.seq_len // 4
+        assert (cfg.train.seed, cfg.data.seed) == (run.seed, run.seed)
+        assert cfg.train.run_dir.endswith(run.name)
+        assert run.eval_lengths == ((1024,) if run.factor == 4 else (1024, 2048))
+
+
+def test_variants_of_one_seed_share_data_order_steps_and_schedule():
+    runs, cfgs = _configs(_spec())
+
+    def shared(cfg):
+        t = cfg.train
+        return (tuple(cfg.data.prefixes), cfg.data.seed, cfg.data.max_seq_len, t.max_steps, t.lr, t.min_lr, t.warmup_steps,
+                t.schedule, t.micro_batch_size, t.grad_accum, t.seed, cfg.model.name_or_path, cfg.rope.type)
+
+    by_group: dict = {}
+    for run, cfg in zip(runs, cfgs):
+        by_group.setdefault((run.seed, run.factor), set()).add(shared(cfg))
+    assert all(len(v) == 1 for v in by_group.values())
+    seeds = {(run.seed, cfg.data.seed, cfg.train.seed) for run, cfg in zip(runs, cfgs)}
+    assert seeds == {(1, 1, 1), (2, 2, 2)}  # the seed changes the data order and LoRA init
+
+
+def test_gpu_plan_is_the_paper_scale():
+    spec = _spec("gpu_7b.yaml")
+    runs, cfgs = _configs(spec)
+    assert sorted({r.seq_len for r in runs}) == [8192, 16384, 32768]
+    assert spec.launcher[0] == "deepspeed" and all(c.train.dtype == "bf16" for c in cfgs)
+    assert {c.attention.train for c in cfgs} == {"full", "short", "s2"}
+
+
+def test_gpu_plan_passes_the_dry_run():
+    """The 7B plan's configs pass the start-up checks for one 8-GPU node (meta device, no weights)."""
+    from megalong.engine.dryrun import dry_run
+
+    runs, cfgs = _configs(_spec("gpu_7b.yaml"))
+    for run, cfg in zip(runs, cfgs):
+        if run.seed == 1 and run.factor == 8 and run.variant in ("short", "lora_embed_norm"):
+            report = dry_run(cfg, nodes=1, gpus_per_node=8, gpu_memory_gb=80, host_memory_gb=1000)
+            assert report.errors == [], (run.name, report.errors)
+
+
+def test_spec_errors_say_what_to_do():
+    with pytest.raises(ConfigError, match="unknown pilot variants"):
+        _spec(variants=["full", "nope"])
+    with pytest.raises(ConfigError, match="exactly one of base_recipe"):
+        _spec(base_model="/models/x")
+    with pytest.raises(ConfigError, match="unknown pilot study keys"):
+        _spec(stepz=3)
+
+
+def test_tie_rule():
+    a, b = Cell((10.0, 10.4)), Cell((10.3, 10.35))
+    assert is_tie(a, b) and is_tie(b, a)  # 0.175 apart, a's range is 0.4
+    assert not is_tie(Cell((10.0, 10.1)), Cell((10.5, 10.55)))
+    assert not is_tie(Cell((10.0,)), Cell((10.01,)))  # one seed: no spread, no tie
+    assert Cell((10.0, 10.4)).text() == "10.20 ± 0.20"
+
+
+def _fake_results(complete: bool = True) -> dict:
+    spec = _spec().__dict__
+    runs = []
+    ppl = {"full": 20.0, "short": 24.0, "s2": 20.1, "lora": 30.0, "lora_norm": 29.0, "lora_embed": 22.0,
+           "lora_embed_norm": 21.0}
+    for v, base in ppl.items():
+        for seed, jitter in ((1, -0.2), (2, 0.2)):
+            for f in (4, 8):
+                scores = {str(n): {"longlora": base + jitter + f / 10, "standard": base + jitter + f / 10 + 1}
+                          for n in ((1024,) if f == 4 else (1024, 2048))}
+                runs.append({"variant": v, "factor": f, "seed": seed, "ppl": scores, "tokens_per_s": 1000.0 + seed,
+                             "loss_curve": [[1, 5.0], [2, 4.0]]})
+    floor = {"x4": {"1024": {"longlora": 40.0, "standard": 41.0}},
+             "x8": {"1024": {"longlora": 45.0, "standard": 46.0}, "2048": {"longlora": 50.0, "standard": 51.0}}}
+    return {"spec": spec, "runs": runs if complete else runs[:3], "floor": floor, "complete": complete,
+            "command": "python tools/pilot.py run", "wall_s": 120.0, "machine": {"threads": 1},
+            "base": {"valid_loss": [[100, 5.0], [200, 4.5]], "train_loss": [[1, 8.0], [200, 4.4]],
+                     "ppl": {"256": {"longlora": 30.0, "standard": 31.0}}}}
+
+
+def test_renderer_tables_ties_and_markers(tmp_path):
+    results = _fake_results()
+    c = cells(results, "longlora")
+    assert c[("s2", 8, 2048)].values == pytest.approx((20.7, 21.1)) and c[("pi_untrained", 8, 2048)].values == (50.0,)
+    text = pilot_render.block(results, [])
+    assert "Status: complete" in text
+    assert "| Full attention, full FT | **20.40 ± 0.20** (8.05) | **20.80 ± 0.20** (8.04) |" in text
+    assert "| S²-Attn, full FT | **20.50 ± 0.20** (8.03) | **20.90 ± 0.20** (8.08) |" in text  # tied: bold too
+    assert "| Short attention, full FT | 24.40 ± 0.20 (8.83) | 24.80 ± 0.20 (9.47) |" in text
+    assert "S²-Attn − Full tie (+0.10)" in text and "Short − Full +4.00" in text
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\n## Other\n\ntext\n")
+    pilot_render.write_block(doc, text)
+    pilot_render.write_block(doc, pilot_render.block(_fake_results(complete=False), []))  # replaced, not added
+    out = doc.read_text()
+    assert out.count("## LongLoRA pilot study") == 1 and out.count("<!-- pilot:end -->") == 1
+    assert "PARTIAL: 3 of 28 runs" in out and out.startswith("# Benchmarks\n\n## Other\n\ntext\n")
+    prose = out.replace("<!-- pilot:end -->", "<!-- pilot:end -->\n\nhand-written write-up\n")
+    doc.write_text(prose)
+    pilot_render.write_block(doc, text)
+    assert "hand-written write-up" in doc.read_text() and "Status: complete" in doc.read_text()
+
+
+def test_renderer_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    written = pilot_render.plot(_fake_results(), tmp_path)
+    assert sorted(Path(p).name for p in written) == ["base.png", "loss.png", "ppl.png"]
+    assert all(Path(p).stat().st_size > 1000 for p in written)
+
+
+def test_base_recipe_loads():
+    cfg = load_config(REPO / "launch/configs/pilot/base_cpu.yaml")
+    assert cfg.data.max_seq_len == 256 and cfg.attention.train == "full" and not cfg.lora.enabled
+    assert cfg.train.eval_interval > 0  # the validation curve that shows the base has flattened

@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""LongLoRA's pilot study and LoRA ablation, from one command: base -> extended variants -> perplexity.
+
+    nice -n 5 python tools/pilot.py run                 # the CPU study (launch/configs/pilot/cpu.yaml)
+    python tools/pilot.py render                        # tables + plots into docs/BENCHMARKS.md
+    python tools/pilot.py plan                          # the runs and their overrides, nothing run
+    python tools/pilot.py run --scale gpu --base-model /models/Llama-2-7b-hf --dry-run   # check the 7B plan
+    python tools/pilot.py run --scale gpu --base-model /models/Llama-2-7b-hf \\
+        --train-data /data/rp/llama2 --valid-data /data/pg19/validation   # 8 GPUs, 8k-32k
+
+Stages, each reused when a rerun finds it finished (a killed study continues where it stopped):
+
+    corpus ─► base (pretrained at L, or --base-model) ─► base + PI ×f (untrained floor)
+           ─► for seed, factor, variant: launch/pretrain_extend.py (one process, the real entry point)
+                                         ─► merged HF export ─► perplexity, full attention, both protocols
+           ─► OUT/results/<run>.json per run ─► results JSON (--results)
+
+The CPU scale runs one training at a time as a single process; run it with OMP_NUM_THREADS=1 (set
+here for the child processes) under ``nice``. Variants and tables: megalong/eval/pilot.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = {"cpu": "launch/configs/pilot/cpu.yaml", "gpu": "launch/configs/pilot/gpu_7b.yaml"}
+DEFAULT_RESULTS = {"cpu": "docs/benchmarks/pilot/results.json"}
+PROTOCOLS = ("longlora", "standard")
+CURVE_POINTS = 60
+
+
+def log(msg: str) -> None:
+    print(f"[pilot {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ the spec
+
+
+def load_study(args):
+    import yaml
+
+    from megalong.eval.pilot import StudySpec
+
+    path = Path(args.study or STUDIES[args.scale])
+    data = yaml.safe_load(path.read_text())
+    for key, value in (("base_model", args.base_model), ("train_data", args.train_data),
+                       ("valid_data", args.valid_data), ("out_dir", args.out)):
+        if value is not None:
+            data[key] = value
+    if args.base_model:
+        data.pop("base_recipe", None)
+    for key in ("seeds", "factors", "variants"):
+        if getattr(args, key, None):
+            data[key] = getattr(args, key)
+    if getattr(args, "steps", None):
+        data["extend_steps"] = args.steps
+    if getattr(args, "base_steps", None):
+        data["base_steps"] = args.base_steps
+    if getattr(args, "eval_windows", None):
+        data["eval_max_windows"] = args.eval_windows
+    return StudySpec.from_dict(data), path
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    # A 3M-parameter model: glibc's default allocator policy is faster for short steps (quickstart.sh)
+    env.setdefault("MEGALONG_CPU_MALLOC", "glibc")
+    return env
+
+
+def run_cmd(cmd: list[str], log_path: Path) -> float:
+    """Run a child process with its output in ``log_path``; its wall time in seconds."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"error: {shlex.join(cmd[:4])} ... exited {rc}; see {log_path}")
+    return time.time() - start
+
+
+def train_cmd(spec, recipe: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    launcher = [sys.executable] if spec.launcher == ["python"] else list(spec.launcher)
+    return [*launcher, "launch/pretrain_extend.py", "--config", recipe, *overrides]
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def build_corpus(spec, out: Path) -> None:
+    valid = Path(spec.valid_data)
+    if spec.corpus is None or valid.with_suffix(".idx").is_file():
+        return
+    c = spec.corpus
+    log(f"corpus, tokenizer and datasets -> {valid.parent}")
+    run_cmd([sys.executable, "tools/build_default_corpus.py", "--out", str(valid.parent), "--all",
+             "--max-mb", str(c.get("max_mb", 8)), "--valid-every", str(c.get("valid_every", 20)),
+             "--vocab-size", str(c.get("vocab_size", 4096)), "--workers", "1"], out / "logs" / "corpus.log")
+
+
+def base_model(spec, out: Path) -> tuple[Path, dict]:
+    """The base HF directory (pretrained here when the study has a base recipe) and its record."""
+    if spec.base_model is not None:
+        return Path(spec.base_model), {"model": spec.base_model}
+    base_hf, run_dir = out / "base_hf", out / "base_run"
+    record = {"recipe": spec.base_recipe, "steps": spec.base_steps, "run_dir": str(run_dir)}
+    if not (base_hf / "config.json").is_file():
+        log(f"base: pretrain at {spec.base_length} tokens, {spec.base_steps} steps ({spec.base_recipe})")
+        tok = Path(spec.train_data).parent / "tokenizer" / "hf"
+        overrides = [f"--model.tokenizer={tok}", f"--data.prefixes=[{spec.train_data}]",
+                     f"--data.valid_prefixes=[{spec.valid_data}]", f"--data.max_seq_len={spec.base_length}",
+                     f"--train.run_dir={run_dir}", f"--train.max_steps={spec.base_steps}",
+                     "--checkpoint.resume=auto"]
+        wall = run_cmd(train_cmd(spec, spec.base_recipe, overrides), out / "logs" / "base.log")
+        (run_dir / "pilot_wall_s.json").write_text(json.dumps({"train_wall_s": wall}))
+        from megalong.engine.export import export_hf
+
+        export_hf(run_dir, base_hf)
+    from megalong.utils.metrics import read_metrics
+
+    recs = read_metrics(run_dir)
+    record["valid_loss"] = [[r["step"], round(r["val_loss"], 4)] for r in recs if "val_loss" in r]
+    record["train_loss"] = _curve(recs)
+    wall_file = run_dir / "pilot_wall_s.json"
+    if wall_file.is_file():
+        record.update(json.loads(wall_file.read_text()))
+    return base_hf, record
+
+
+def pi_model(base_hf: Path, length: int, out_dir: Path) -> Path:
+    """The base with linear position interpolation to ``length`` and no training (the floor)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from megalong.config import ModelConfig, RopeConfig
+    from megalong.models import apply_rope_scaling, build_hf_config, plan_rope_scaling, write_config_json
+
+    cfg = build_hf_config(ModelConfig(name_or_path=str(base_hf)))
+    scaling = plan_rope_scaling(cfg, RopeConfig(type="linear"), length)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_hf, tmp)
+    apply_rope_scaling(cfg, scaling)
+    write_config_json(cfg, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def evaluate(spec, model_dir: Path, lengths) -> dict:
+    """{length: {protocol: ppl, protocol + '_tokens': n}} with full attention."""
+    import torch
+
+    from megalong.data.indexed import IndexedDataset
+    from megalong.eval import evaluate_perplexity, load_eval_model
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model, device = load_eval_model(model_dir)
+    ds = IndexedDataset(spec.valid_data)
+    docs = [ds[i] for i in range(len(ds))]
+    out = {}
+    for n in lengths:
+        out[str(n)] = {}
+        for protocol in PROTOCOLS:
+            res = evaluate_perplexity(model, iter(docs), n, protocol, stride=spec.eval_stride or n // 2,
+                                      max_windows=spec.eval_max_windows,
+                                      min_doc_len=n + 1 if spec.require_full_context else 0, device=device)
+            out[str(n)][protocol] = round(res.ppl, 4)
+            out[str(n)][f"{protocol}_tokens"] = res.tokens
+    return out
+
+
+def _curve(recs: list[dict]) -> list[list[float]]:
+    """Training loss, mean over buckets of steps (at most CURVE_POINTS points)."""
+    train = {r["step"]: r["loss"] for r in recs if "loss" in r}  # a resumed step: the last record wins
+    steps = sorted(train)
+    if not steps:
+        return []
+    width = max(1, -(-len(steps) // CURVE_POINTS))
+    return [[steps[i + len(steps[i:i + width]) - 1], round(sum(train[s] for s in steps[i:i + width])
+                                                          / len(steps[i:i + width]), 4)]
+            for i in range(0, len(steps), width)]
+
+
+def extension_run(spec, planned, out: Path) -> dict:
+    """Train one variant (resuming a killed run), export it, evaluate it; the run's record."""
+    from megalong.utils.metrics import read_metrics
+
+    result_file = out / "results" / f"{planned.name}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_dir = out / "runs" / planned.name
+    log(f"train {planned.name} ({planned.seq_len} tokens, {spec.extend_steps} steps)")
+    overrides = [*planned.overrides, "--checkpoint.resume=auto", "--logging.log_interval=1"]
+    wall = run_cmd(train_cmd(spec, spec.extend_recipe, overrides), out / "logs" / f"{planned.name}.log")
+    hf = out / "hf" / planned.name
+    shutil.rmtree(hf, ignore_errors=True)
+    from megalong.engine.export import export_hf
+
+    export_hf(run_dir, hf)
+    start = time.time()
+    ppl = evaluate(spec, hf, planned.eval_lengths)
+    eval_s = time.time() - start
+    shutil.rmtree(hf)
+    recs = [r for r in read_metrics(run_dir) if "loss" in r]
+    tok_s = sorted(r["tokens_per_s"] for r in recs if r["step"] > 1)
+    record = {
+        "name": planned.name, "variant": planned.variant, "factor": planned.factor, "seed": planned.seed,
+        "seq_len": planned.seq_len, "ppl": ppl, "final_loss": recs[-1]["loss"] if recs else None,
+        "tokens_per_s": round(tok_s[len(tok_s) // 2], 1) if tok_s else None,
+        "train_wall_s": round(wall, 1), "eval_wall_s": round(eval_s, 1), "loss_curve": _curve(recs),
+        "overrides": list(planned.overrides),
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(record, indent=1))
+    ppl_text = ", ".join(f"{n}: {v['longlora']:.2f}/{v['standard']:.2f}" for n, v in ppl.items())
+    log(f"  {planned.name}: ppl (longlora/standard) {ppl_text}; train {wall:.0f} s, eval {eval_s:.0f} s")
+    return record
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpus_visible": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cmd_run(args) -> int:
+    from megalong.eval.pilot import plan_runs
+
+    spec, study_path = load_study(args)
+    out = Path(spec.out_dir)
+    if args.dry_run:
+        return dry_run(spec, out, args)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    default = DEFAULT_RESULTS.get(args.scale) if not (args.study or args.out) else None
+    results_path = Path(args.results or default or out / "results.json")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    prior = out / "study_wall_s.json"  # wall time of earlier, interrupted invocations
+    earlier = json.loads(prior.read_text())["wall_s"] if prior.is_file() else 0.0
+    results = {"study": spec.name, "study_file": str(study_path), "spec": spec.__dict__,
+               "command": "nice -n 5 python tools/pilot.py " + shlex.join(sys.argv[1:]),
+               "machine": machine(), "complete": False, "runs": [], "floor": {}}
+
+    def save(complete: bool = False) -> None:
+        results["complete"] = complete
+        results["wall_s"] = round(earlier + time.time() - started, 1)
+        prior.write_text(json.dumps({"wall_s": results["wall_s"]}))
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    build_corpus(spec, out)
+    base_hf, results["base"] = base_model(spec, out)
+    base_eval = out / "results" / "base.json"
+    if not base_eval.is_file():
+        base_eval.parent.mkdir(parents=True, exist_ok=True)
+        base_eval.write_text(json.dumps(evaluate(spec, base_hf, [spec.base_length])))
+    results["base"]["ppl"] = json.loads(base_eval.read_text())
+    for factor in spec.factors:
+        n = factor * spec.base_length
+        floor_file = out / "results" / f"pi_x{factor}.json"
+        if not floor_file.is_file():
+            from megalong.eval.pilot import eval_lengths
+
+            log(f"floor: base + PI x{factor}, untrained")
+            floor_file.write_text(json.dumps(evaluate(spec, pi_model(base_hf, n, out / f"pi_x{factor}_hf"),
+                                                      eval_lengths(spec, factor))))
+        results["floor"][f"x{factor}"] = json.loads(floor_file.read_text())
+    save()
+    for planned in plan_runs(spec, str(base_hf), str(out / "runs")):
+        results["runs"].append(extension_run(spec, planned, out))
+        save()
+    save(complete=True)
+    log(f"done in {results['wall_s'] / 60:.1f} min; results in {results_path}")
+    return 0
+
+
+def dry_run(spec, out: Path, args) -> int:
+    """``--dry-run`` of every distinct extension config (seeds change no shapes): the plan checks."""
+    from megalong.eval.pilot import plan_runs
+
+    base = spec.base_model or str(out / "base_hf")
+    seen, failed = set(), 0
+    for planned in plan_runs(spec, base, str(out / "runs")):
+        if (planned.variant, planned.factor) in seen:
+            continue
+        seen.add((planned.variant, planned.factor))
+        cmd = [sys.executable, "launch/pretrain_extend.py", "--config", spec.extend_recipe, *planned.overrides,
+               "--dry-run", *args.dry_run_args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+        print(f"{planned.variant:16s} x{planned.factor} ({planned.seq_len:6d} tokens): {status}")
+        if proc.returncode:
+            failed += 1
+            print(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return 1 if failed else 0
+
+
+def cmd_plan(args) -> int:
+    from megalong.eval.pilot import plan_runs
+
+    spec, _ = load_study(args)
+    out = Path(spec.out_dir)
+    base = spec.base_model or str(out / "base_hf")
+    launcher = shlex.join(train_cmd(spec, spec.extend_recipe, [])[:-2])
+    for planned in plan_runs(spec, base, str(out / "runs")):
+        print(f"{planned.name}: {launcher} --config {spec.extend_recipe} {shlex.join(planned.overrides)}"
+              f"  # eval at {list(planned.eval_lengths)}")
+    return 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", "plan"):
+        s = sub.add_parser(name)
+        s.add_argument("--scale", choices=sorted(STUDIES), default="cpu", help="which study file (default cpu)")
+        s.add_argument("--study", default=None, help="a study YAML instead of --scale's")
+        s.add_argument("--base-model", default=None, help="start from this HF model instead of pretraining one")
+        s.add_argument("--train-data", default=None, help="training dataset prefix")
+        s.add_argument("--valid-data", default=None, help="validation dataset prefix (perplexity)")
+        s.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
+        s.add_argument("--seeds", type=int, nargs="+", default=None)
+        s.add_argument("--factors", type=int, nargs="+", default=None)
+        s.add_argument("--variants", nargs="+", default=None)
+        s.add_argument("--steps", type=int, default=None, help="extension steps per run")
+        s.add_argument("--base-steps", type=int, default=None)
+        s.add_argument("--eval-windows", type=int, default=None, help="windows per length and protocol")
+        if name == "run":
+            s.add_argument("--results", default=None, help="results JSON (cpu: docs/benchmarks/pilot/results.json)")
+            s.add_argument("--dry-run", action="store_true", help="only check every distinct extension config")
+            s.add_argument("--dry-run-args", nargs=argparse.REMAINDER, default=["--nodes", "1", "--gpus-per-node", "8"],
+                           help="passed on to pretrain_extend.py --dry-run (last on the line)")
+    r = sub.add_parser("render")
+    r.add_argument("--results", default="docs/benchmarks/pilot/results.json")
+    r.add_argument("--doc", default="docs/BENCHMARKS.md")
+    r.add_argument("--plots", default="docs/benchmarks/pilot", help="PNG directory ('' for none)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "render":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pilot_render import render  # tools/pilot_render.py, next to this file
+
+        return render(args.results, args.doc, args.plots)
+    return cmd_run(args) if args.command == "run" else cmd_plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
