@@ -20,6 +20,7 @@ from megalong.eval.pilot import (
     cells,
     compare,
     parameter_table,
+    per_seed,
     shorter_length_table,
     throughput_table,
 )
@@ -32,17 +33,16 @@ END = "<!-- pilot:end -->"
 def comparisons(results: dict, factors: list[int], base_length: int, protocol: str) -> list[str]:
     """The differences the paper's claims are about, each 'tie' when within the seed spread."""
     c = cells(results, protocol)
+    pairs = (("S²-Attn − Full", "s2", "full"), ("Short − Full", "short", "full"), ("Short − S²-Attn", "short", "s2"),
+             ("LoRA − LoRA+embed+norm", "lora", "lora_embed_norm"), ("LoRA+norm − LoRA", "lora_norm", "lora"),
+             ("LoRA+embed+norm − LoRA+embed", "lora_embed_norm", "lora_embed"),
+             ("LoRA+embed+norm − full FT", "lora_embed_norm", "s2"), ("floor − S²-Attn", FLOOR, "s2"))
     lines = []
     for f in factors:
-        def k(v: str, f: int = f) -> tuple:
-            return (v, f, f * base_length)
-
-        lines.append(f"- {f}× ({protocol}): S²-Attn − Full {compare(c, k('s2'), k('full'))}; "
-                     f"Short − Full {compare(c, k('short'), k('full'))}; "
-                     f"Short − S²-Attn {compare(c, k('short'), k('s2'))}; "
-                     f"LoRA − LoRA+embed+norm {compare(c, k('lora'), k('lora_embed_norm'))}; "
-                     f"LoRA+embed+norm − full FT {compare(c, k('lora_embed_norm'), k('s2'))}; "
-                     f"floor − S²-Attn {compare(c, k(FLOOR), k('s2'))}")
+        n = f * base_length
+        parts = [f"{label} {compare(c, (a, f, n), (b, f, n), per_seed(results, protocol, (a, f, n), (b, f, n)))}"
+                 for label, a, b in pairs]
+        lines.append(f"- {f}× ({protocol}): " + "; ".join(parts))
     return lines
 
 
@@ -54,9 +54,11 @@ def block(results: dict, plots: list[str]) -> str:
     status = ("complete" if results.get("complete") else
               f"**PARTIAL: {len(runs)} of {planned} runs finished** when this was rendered")
     m = results.get("machine", {})
+    base_timed = "train_wall_s" in results.get("base", {})
     out = [BEGIN, "",
            f"Status: {status}. Command: `{results['command']}`; wall time {results['wall_s'] / 60:.1f} min "
-           f"(everything: corpus, base, floor, {len(runs)} extension runs, evaluation) on {m.get('platform')}, "
+           f"in the tool ({'corpus, base, ' if base_timed else 'base reused from an earlier invocation; '}"
+           f"floor, {len(runs)} extension runs, evaluation) on {m.get('platform')}, "
            f"{m.get('threads')} thread(s), torch {m.get('torch')}. Base: {spec.get('base_steps')} steps at "
            f"{base_length} tokens; each extension run {spec['extend_steps']} steps; seeds {spec['seeds']} "
            f"(train.seed = data.seed = seed). Cells: mean ± half the seed range (max − min) over "
@@ -86,6 +88,7 @@ def block(results: dict, plots: list[str]) -> str:
                 + (f"; {base['train_wall_s'] / 60:.1f} min" if base.get("train_wall_s") else "") + ".", ""]
     if results.get("reproducibility"):
         out += [f"**Same seed, same numbers**: {results['reproducibility']}", ""]
+    out += [f"Note: {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     out += [f"![{Path(p).stem}](benchmarks/pilot/{Path(p).name})" for p in plots]
     out += ["", END]
     return "\n".join(out)

@@ -229,13 +229,33 @@ def cells(results: dict, protocol: str) -> dict[tuple[str, int, int], Cell]:
     return {k: Cell(tuple(v)) for k, v in grouped.items()}
 
 
-def compare(c: dict, a: tuple, b: tuple) -> str:
-    """'tie' or the signed difference a - b, for the write-up."""
+def per_seed(results: dict, protocol: str, a: tuple, b: tuple) -> list[float]:
+    """a - b seed by seed (both runs of a seed saw the same data in the same order); the floor has no seed."""
+    def by_seed(key: tuple) -> dict[int | None, float]:
+        variant, factor, length = key
+        if variant == FLOOR:
+            value = results.get("floor", {}).get(f"x{factor}", {}).get(str(length), {}).get(protocol)
+            return {None: value} if value is not None else {}
+        return {r["seed"]: r["ppl"][str(length)][protocol] for r in results.get("runs", [])
+                if r["variant"] == variant and r["factor"] == factor and str(length) in r.get("ppl", {})}
+
+    va, vb = by_seed(a), by_seed(b)
+    if None in va or None in vb:
+        fixed = va.get(None, vb.get(None))
+        other = vb if None in va else va
+        sign = 1 if None in va else -1
+        return [sign * (fixed - v) for _, v in sorted(other.items())]
+    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+
+
+def compare(c: dict, a: tuple, b: tuple, paired: list[float] | None = None) -> str:
+    """'tie' or the signed difference a - b of the means, with the per-seed differences when given."""
     if a not in c or b not in c:
         return "n/a"
+    seeds = f"; per seed {', '.join(f'{d:+.2f}' for d in paired)}" if paired and len(paired) > 1 else ""
     if is_tie(c[a], c[b]):
-        return f"tie ({c[a].mean - c[b].mean:+.2f})"
-    return f"{c[a].mean - c[b].mean:+.2f}"
+        return f"tie ({c[a].mean - c[b].mean:+.2f}{seeds})"
+    return f"{c[a].mean - c[b].mean:+.2f}" + (f" ({seeds[2:]})" if seeds else "")
 
 
 def _fmt(c: dict, key: tuple, best: Cell | None) -> str:

@@ -132,7 +132,8 @@ def test_renderer_tables_ties_and_markers(tmp_path):
     assert "| Full attention, full FT | **20.40 ± 0.20** (8.05) | **20.80 ± 0.20** (8.04) |" in text
     assert "| S²-Attn, full FT | **20.50 ± 0.20** (8.03) | **20.90 ± 0.20** (8.08) |" in text  # tied: bold too
     assert "| Short attention, full FT | 24.40 ± 0.20 (8.83) | 24.80 ± 0.20 (9.47) |" in text
-    assert "S²-Attn − Full tie (+0.10)" in text and "Short − Full +4.00" in text
+    assert "S²-Attn − Full tie (+0.10; per seed +0.10, +0.10)" in text
+    assert "Short − Full +4.00 (per seed +4.00, +4.00)" in text and "floor − S²-Attn +29.10 (per seed +29.30, +28.90)" in text
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\n## Other\n\ntext\n")
     pilot_render.write_block(doc, text)
