@@ -4,6 +4,7 @@
     nice -n 5 python tools/pilot.py run                 # the CPU study (launch/configs/pilot/cpu.yaml)
     python tools/pilot.py render                        # tables + plots into docs/BENCHMARKS.md
     python tools/pilot.py plan                          # the runs and their overrides, nothing run
+    python tools/pilot.py context                       # full vs group-limited attention at evaluation
     python tools/pilot.py run --scale gpu --base-model /models/Llama-2-7b-hf --dry-run   # check the 7B plan
     python tools/pilot.py run --scale gpu --base-model /models/Llama-2-7b-hf \\
         --train-data /data/rp/llama2 --valid-data /data/pg19/validation   # 8 GPUs, 8k-32k
@@ -314,6 +315,45 @@ def dry_run(spec, out: Path, args) -> int:
     return 1 if failed else 0
 
 
+def cmd_context(args) -> int:
+    """Score finished runs at their length with full attention and with attention limited to groups
+    of G tokens (short attention at evaluation): how much context beyond a group is worth to each."""
+    import torch
+
+    from megalong.attention import use_full_attention, use_s2_attention
+    from megalong.data.indexed import IndexedDataset
+    from megalong.engine.export import export_hf
+    from megalong.eval import evaluate_perplexity, load_eval_model
+
+    spec, _ = load_study(args)
+    out = Path(spec.out_dir)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ds = IndexedDataset(spec.valid_data)
+    docs = [ds[i] for i in range(len(ds))]
+    table = {}
+    for name in args.runs:
+        record = json.loads((out / "results" / f"{name}.json").read_text())
+        n, hf = record["seq_len"], out / "hf" / f"{name}_context"
+        shutil.rmtree(hf, ignore_errors=True)
+        export_hf(out / "runs" / name, hf)
+        model, device = load_eval_model(hf)
+        row = {}
+        for group in (None, *args.groups):
+            if group is None:
+                use_full_attention(model)
+            else:
+                use_s2_attention(model, group, shift=False)
+            res = evaluate_perplexity(model, iter(docs), n, "longlora", stride=spec.eval_stride or n // 2,
+                                      max_windows=spec.eval_max_windows, min_doc_len=n + 1, device=device)
+            row["full" if group is None else f"groups_{group}"] = round(res.ppl, 3)
+        shutil.rmtree(hf)
+        table[name] = row
+        log(f"{name} at {n}: {row}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(table, indent=1) + "\n")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from megalong.eval.pilot import plan_runs
 
@@ -350,6 +390,14 @@ def parse_args(argv):
             s.add_argument("--dry-run", action="store_true", help="only check every distinct extension config")
             s.add_argument("--dry-run-args", nargs=argparse.REMAINDER, default=["--nodes", "1", "--gpus-per-node", "8"],
                            help="passed on to pretrain_extend.py --dry-run (last on the line)")
+    c = sub.add_parser("context", help="finished runs scored with full vs group-limited attention")
+    c.add_argument("--scale", choices=sorted(STUDIES), default="cpu")
+    c.add_argument("--study", default=None)
+    for key in ("base_model", "train_data", "valid_data", "out"):
+        c.set_defaults(**{key: None})
+    c.add_argument("--runs", nargs="+", default=["full_x8_s1", "short_x8_s1", "s2_x8_s1"])
+    c.add_argument("--groups", type=int, nargs="+", default=[512, 256, 128])
+    c.add_argument("--output", default="docs/benchmarks/pilot/context.json")
     r = sub.add_parser("render")
     r.add_argument("--results", default="docs/benchmarks/pilot/results.json")
     r.add_argument("--doc", default="docs/BENCHMARKS.md")
@@ -364,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         from pilot_render import render  # tools/pilot_render.py, next to this file
 
         return render(args.results, args.doc, args.plots)
+    if args.command == "context":
+        return cmd_context(args)
     return cmd_run(args) if args.command == "run" else cmd_plan(args)
 
 

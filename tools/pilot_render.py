@@ -88,7 +88,7 @@ def block(results: dict, plots: list[str]) -> str:
                 + (f"; {base['train_wall_s'] / 60:.1f} min" if base.get("train_wall_s") else "") + ".", ""]
     if results.get("reproducibility"):
         out += [f"**Same seed, same numbers**: {results['reproducibility']}", ""]
-    out += [f"Note: {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
+    out += [f"- Note: {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     out += [f"![{Path(p).stem}](benchmarks/pilot/{Path(p).name})" for p in plots]
     out += ["", END]
     return "\n".join(out)
@@ -162,8 +162,11 @@ def plot(results: dict, out_dir: Path) -> list[str]:
             length = min(len(c) for c in curves)
             steps = [p[0] for p in curves[0][:length]]
             mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(length)]
-            ax.plot(steps, mean, label=VARIANTS[v].label, color=f"C{j}", lw=1.2)
-        ax.set_title(f"training loss, {f}× = {f * base_length} tokens (mean over seeds)")
+            width = max(1, length // 6)  # one row per step: smooth the data's own step-to-step noise
+            smooth = [sum(mean[max(0, i - width + 1):i + 1]) / len(mean[max(0, i - width + 1):i + 1])
+                      for i in range(length)]
+            ax.plot(steps, smooth, label=VARIANTS[v].label, color=f"C{j}", lw=1.2)
+        ax.set_title(f"training loss, {f}× = {f * base_length} tokens (seed mean, running mean)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (the run's own training attention)")
         ax.legend(fontsize=7)
