@@ -89,6 +89,17 @@ class _ChunkedCE(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
+def _flat_tokens(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, d) hidden states and (T,) labels, checked against each other and the chunk size."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    h = hidden.reshape(-1, hidden.shape[-1])  # (T, d)
+    lab = labels.reshape(-1)
+    if lab.shape[0] != h.shape[0]:
+        raise ValueError(f"labels have {lab.shape[0]} tokens but hidden states have {h.shape[0]}")
+    return h, lab
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -109,12 +120,7 @@ def chunked_cross_entropy(
     Returns:
         (loss_sum fp32 scalar with grad, count int64 scalar)
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    h = hidden.reshape(-1, hidden.shape[-1])  # (T, d)
-    lab = labels.reshape(-1)
-    if lab.shape[0] != h.shape[0]:
-        raise ValueError(f"labels have {lab.shape[0]} tokens but hidden states have {h.shape[0]}")
+    h, lab = _flat_tokens(hidden, labels, chunk_size)
     count = (lab != IGNORE_INDEX).sum()
     return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size)), count
 
@@ -140,12 +146,7 @@ def chunked_token_losses(
     Returns:
         fp32 losses shaped like ``labels``, 0 at ignored positions.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    h = hidden.reshape(-1, hidden.shape[-1])  # (T, d)
-    lab = labels.reshape(-1)
-    if lab.shape[0] != h.shape[0]:
-        raise ValueError(f"labels have {lab.shape[0]} tokens but hidden states have {h.shape[0]}")
+    h, lab = _flat_tokens(hidden, labels, chunk_size)
     out = torch.empty(lab.shape[0], dtype=torch.float32, device=h.device)
     for s, e, _, loss_c in _chunk_losses(h, weight, bias, lab, int(chunk_size)):
         out[s:e] = loss_c
