@@ -261,6 +261,14 @@ class TrainConfig:
     """DeepSpeed activation checkpointing: keep checkpointed activations in host memory."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy (never materialise N × V logits)."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP in sequence tiles (DeepSpeed's ``TiledMLP``, ALST): the (N, intermediate)
+    activations exist for one tile at a time, in forward and backward; costs one extra MLP forward per layer."""
+    tiled_mlp_shards: int = 0
+    """Tiles per MLP call with ``tiled_mlp``; 0: ceil(tokens per rank / hidden size), as DeepSpeed's ALST does."""
+    offload_activations: bool = False
+    """Keep each decoder layer's checkpointed input (hidden states) in host memory between forward and backward
+    (DeepSpeed's ``CheckpointHiddenStatesOffload``, ALST); needs ``activation_checkpointing=hf``."""
     nan_policy: str = "stop"
     """On a NaN/inf loss: ``stop`` with a diagnostic (nothing saved is touched) or ``skip`` the step."""
     eval_interval: int = 0
@@ -284,6 +292,25 @@ class TrainConfig:
             not self.cpu_checkpointing or self.activation_checkpointing == "deepspeed",
             "train.cpu_checkpointing needs train.activation_checkpointing=deepspeed",
         )
+        _check(self.tiled_mlp_shards >= 0,
+               f"train.tiled_mlp_shards={self.tiled_mlp_shards} must be >= 0 (0: one tile per hidden-size tokens)")
+        _check(
+            self.tiled_mlp or self.tiled_mlp_shards == 0,
+            f"train.tiled_mlp_shards={self.tiled_mlp_shards} has no effect without train.tiled_mlp=true; "
+            "set train.tiled_mlp=true or drop train.tiled_mlp_shards",
+        )
+        if self.offload_activations:
+            _check(
+                self.activation_checkpointing != "none",
+                "train.offload_activations moves checkpointed activations to host memory, so it needs activation "
+                "checkpointing: set train.activation_checkpointing=hf",
+            )
+            _check(
+                self.activation_checkpointing == "hf",
+                "train.offload_activations works with transformers' checkpointing (train.activation_checkpointing=hf); "
+                "with activation_checkpointing=deepspeed use train.cpu_checkpointing=true instead (DeepSpeed's own "
+                "offload of checkpointed activations) and set train.offload_activations=false",
+            )
 
 
 @dataclass
