@@ -17,6 +17,7 @@ from torch import nn
 
 from megalong.config.deepspeed import BatchArithmetic
 from megalong.config.schema import Config, ConfigError
+from megalong.engine.tiling import apply_memory_tiling
 from megalong.lora import apply_lora_plus
 from megalong.models import (
     DTYPES,
@@ -180,7 +181,8 @@ def base_hf_config(cfg: Config, base_dir: Path | None = None) -> tuple[Any, Rope
 
 def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=None,
                 base: tuple[Any, RopeScaling | None] | None = None) -> tuple[nn.Module, Any]:
-    """Base model (under zero.Init with ZeRO-3) + RoPE scaling + attention + LoRA+ + activation ckpt.
+    """Base model (under zero.Init with ZeRO-3) + RoPE scaling + attention + LoRA+ + tiled MLP /
+    activation offload (megalong.engine.tiling) + activation ckpt.
 
     ``base``: the ``base_hf_config(cfg, base_dir)`` result when the caller already has it.
     """
@@ -198,6 +200,7 @@ def build_model(cfg: Config, base_dir: Path, ds_config: dict, dims, tokenizer=No
     model = apply_lora_plus(model, cfg.lora)
     _cast_trainable(model, DTYPES[cfg.train.dtype])
     set_attention(cfg, model, "train")
+    apply_memory_tiling(cfg, model)
     enable_activation_checkpointing(cfg, model, ds_config, dims)
     model.train()
     return model, scaling

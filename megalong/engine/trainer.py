@@ -33,6 +33,7 @@ from megalong.engine import liveness
 from megalong.engine import setup as build
 from megalong.engine.checks import Finding, raise_on_errors, run_checks
 from megalong.engine.schedule import lr_multiplier
+from megalong.engine.tiling import activation_offload
 from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
 from megalong.parallel.s2_halo import HaloStats
@@ -256,8 +257,9 @@ class Trainer:
         scale = self._grad_scale(global_valid)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for b in micro:
-            local_loss, _ = engine(**b)
-            engine.backward(local_loss * scale)
+            with activation_offload(self.model):  # train.offload_activations: forward and backward inside it
+                local_loss, _ = engine(**b)
+                engine.backward(local_loss * scale)
             engine.step()
             loss_sum += local_loss.detach().double().cpu()
         stop = 1.0 if self._stop_signal is not None else 0.0
