@@ -4,6 +4,8 @@
     python tools/estimate_memory.py --model llama2-70b --seq-len 32768 --gpus 8 --zero 3 \\
         --offload-optimizer --offload-param --activation-checkpointing layer
     python tools/estimate_memory.py --model /models/Llama-2-7b-hf --seq-len 100000 --json
+    python tools/estimate_memory.py --model llama3-8b --seq-len 1048576 --sp 8 --sp-mode ulysses \
+        --tiled-mlp --offload-activations --host-memory-gb 2048
     python tools/estimate_memory.py --recipe launch/configs/tiny_cpu.yaml --gpus 2 --accelerator cpu \
         --host-memory-gb 24 [--section.key=value ...]
 
@@ -43,6 +45,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--offload-param", action="store_true")
     p.add_argument("--activation-checkpointing", default="layer", choices=("none", "layer"))
     p.add_argument("--cpu-checkpointing", action="store_true", help="DeepSpeed cpu_checkpointing")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="ALST's checkpoint offload (train.offload_activations): layer inputs in host memory")
+    p.add_argument("--tiled-mlp", action="store_true", help="DeepSpeed's TiledMLP (train.tiled_mlp)")
+    p.add_argument("--tiled-mlp-shards", type=int, default=0, help="tiles per MLP call (0: ceil(tokens / hidden))")
     p.add_argument("--attention", default="s2", choices=("s2", "full"))
     p.add_argument("--group-size", type=int, default=None, help="S²-Attn group size (default seq_len/4)")
     p.add_argument("--attention-kernel", default="flash", choices=("flash", "eager"),
@@ -92,6 +98,7 @@ def from_flags(args: argparse.Namespace):
         gpus_per_node=args.gpus, nodes=args.nodes, sp=args.sp, sp_mode=args.sp_mode, zero_stage=args.zero,
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
         activation_checkpointing=args.activation_checkpointing, cpu_checkpointing=args.cpu_checkpointing,
+        offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp, tiled_mlp_shards=args.tiled_mlp_shards,
         attention=args.attention, group_size=args.group_size, attention_kernel=args.attention_kernel,
         dtype=args.dtype, lora=args.lora, lora_r=args.lora_r, loss_chunk=args.loss_chunk,
         gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb, accelerator=args.accelerator,

@@ -263,7 +263,8 @@ def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: flo
         zero_stage=cfg.zero.stage, offload_optimizer=cfg.zero.offload_optimizer, offload_param=cfg.zero.offload_param,
         zero_init=cfg.model.zero_init,
         activation_checkpointing="none" if t.activation_checkpointing == "none" else "layer",
-        cpu_checkpointing=t.cpu_checkpointing,
+        cpu_checkpointing=t.cpu_checkpointing, offload_activations=t.offload_activations,
+        tiled_mlp=t.tiled_mlp, tiled_mlp_shards=t.tiled_mlp_shards,
         # short attention holds the same groups as S²-Attn: the same memory
         attention="full" if cfg.attention.backend == "reference" or cfg.attention.train == "full" else "s2",
         group_size=cfg.group_size,

@@ -55,6 +55,22 @@ accumulator 4h (per head-half for S²-Attn). With flash / memory-efficient SDPA 
 O(N): S²-Attn saves compute, not memory. Only an eager (materialised) softmax is O(N·K), K = N for
 full attention and K = G for LongLoRA's grouped S²-Attn.
 
+ALST's features (DeepSpeed 0.19.8, ``train.tiled_mlp`` / ``train.offload_activations``):
+
+    TiledMLP            the MLP saves only its input x (w·h per token); its backward recomputes one tile
+                        of C = ceil(T / shards) tokens at a time (shards = ceil(T / h) by default): it holds
+                        the output gradient and a zero-filled input gradient for all T tokens (2w·h·T) plus
+                        one tile's saved MLP tensors and their gradients (C·(3w·I + ... + 2..3w·I))
+    activation offload  CheckpointHiddenStatesOffload moves each checkpointed layer input to pinned host
+                        memory: the GPU keeps the newest one and two copies in flight (3w·h·T), the host
+                        (layers − 1)·w·h·T per rank. On CPU it offloads nothing (a pass-through).
+
+Ulysses (``sp_mode=ulysses``, DeepSpeed's UlyssesSPAttentionHF): after the all-to-all each rank runs the
+attention on the whole row N with H/sp query heads, and max(kv_heads, sp)/sp KV heads (with fewer KV heads
+than ranks DeepSpeed repeats each to one head per rank); everything else works on L = N/sp tokens. Per
+local token that is q and output w·q as before, K/V 2w·max(kv_heads, sp)·head_dim, plus o_proj's input, a
+second w·q copy that comes back through the all-to-all; its backward adds the all-to-all copies of dq, dk, dv.
+
 Loss: megalong never builds N×V logits. The chunked cross-entropy's backward (in place) holds a
 chunk of C tokens' matmul output, its fp32 copy turned into softmax − onehot and its w-byte cast,
 while the previous chunk's fp32 and w-byte buffers are still referenced: (8 + 2w)·C·V bytes; plus the
@@ -133,6 +149,15 @@ class MemoryInputs:
     """``none`` or ``layer`` (each decoder layer's input is kept, the layer recomputed in backward)."""
     cpu_checkpointing: bool = False
     """DeepSpeed cpu_checkpointing: the kept layer inputs live in host memory."""
+    offload_activations: bool = False
+    """ALST's checkpoint offload (DeepSpeed's ``CheckpointHiddenStatesOffload``, ``train.offload_activations``):
+    the kept layer inputs live in host memory; the GPU keeps the newest one and two copies in flight.
+    A pass-through on CPU (DeepSpeed offloads nothing from a CPU device)."""
+    tiled_mlp: bool = False
+    """DeepSpeed's ``TiledMLP`` (``train.tiled_mlp``): each MLP runs in sequence tiles; it saves only its
+    input, and its (tokens, intermediate) tensors exist for one tile at a time (recomputed in backward)."""
+    tiled_mlp_shards: int = 0
+    """Tiles per MLP call; 0: ceil(tokens per rank / hidden), as ``train.tiled_mlp_shards=0``."""
     attention: str = "s2"
     group_size: int | None = None
     """S²-Attn group size; default seq_len / 4."""
@@ -187,6 +212,19 @@ class MemoryInputs:
             raise ValueError(f"sp={self.sp} does not divide seq_len={self.seq_len}; use a multiple of {self.sp}")
         if self.cpu_checkpointing and self.activation_checkpointing == "none":
             raise ValueError("cpu_checkpointing needs activation_checkpointing='layer'")
+        if self.offload_activations and self.activation_checkpointing == "none":
+            raise ValueError("offload_activations needs activation_checkpointing='layer' (it offloads the "
+                             "checkpointed layer inputs)")
+        if self.offload_activations and self.cpu_checkpointing:
+            raise ValueError("offload_activations and cpu_checkpointing both move the layer inputs to the host; "
+                             "use one (offload_activations with HF checkpointing, cpu_checkpointing with DeepSpeed's)")
+        if self.tiled_mlp_shards < 0:
+            raise ValueError(f"tiled_mlp_shards={self.tiled_mlp_shards} must be >= 0 (0: ceil(tokens / hidden))")
+        if self.ulysses:
+            heads, kv = self.model.heads, self.model.kv_heads
+            if heads % self.sp or (kv % self.sp and self.sp % kv):
+                raise ValueError(f"sp={self.sp} with sp_mode=ulysses needs sp to divide the {heads} heads and to divide "
+                                 f"or be a multiple of the {kv} KV heads; use sp_mode=s2_halo or another sp")
 
     @property
     def world(self) -> int:
@@ -199,6 +237,29 @@ class MemoryInputs:
     @property
     def tokens_per_rank(self) -> int:
         return self.micro_batch * self.seq_len // self.sp
+
+    @property
+    def ulysses(self) -> bool:
+        return self.sp > 1 and self.sp_mode == "ulysses"
+
+    @property
+    def attn_kv_dim(self) -> int:
+        """K/V width per token the attention kernel sees: Ulysses with fewer KV heads than ranks repeats
+        each KV head to sp / kv_heads ranks, so every rank holds one KV head of the whole row."""
+        if self.ulysses and self.model.kv_heads < self.sp:
+            return self.sp * self.model.head_dim  # 1 head × N tokens = sp heads' worth per local token
+        return self.model.kv_dim
+
+    @property
+    def mlp_shards(self) -> int:
+        """TiledMLP's tiles per call (1 without tiling)."""
+        if not self.tiled_mlp:
+            return 1
+        return self.tiled_mlp_shards or max(1, math.ceil(self.tokens_per_rank / self.model.hidden))
+
+    @property
+    def mlp_tile_tokens(self) -> int:
+        return math.ceil(self.tokens_per_rank / self.mlp_shards)
 
     @property
     def group(self) -> int:
@@ -305,24 +366,35 @@ class MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------------------- activations
+def _keeps_input(i: MemoryInputs, *projs: str) -> bool:
+    """Whether a linear saves its input: it trains, carries LoRA, or runs zero.Init's F.linear."""
+    z3_keeps_inputs = i.zero_stage == 3 and i.uses_zero_init
+    return not i.lora or z3_keeps_inputs or any(p in i.lora_targets for p in projs)
+
+
+def mlp_saved_bytes(i: MemoryInputs) -> float:
+    """Per token: what autograd saves inside one SwiGLU MLP (its input included when a linear keeps it)."""
+    m, w = i.model, i.bytes_per_elem
+    total = w * m.hidden if _keeps_input(i, "gate_proj", "up_proj") else 0
+    total += w * m.intermediate if _keeps_input(i, "down_proj") else 0
+    total += w * i.lora_r * len(set(i.lora_targets) & set(MLP_PROJ)) if i.lora else 0
+    return float(total + 3 * w * m.intermediate)  # silu input, silu output, up (the product's inputs)
+
+
 def layer_activation_bytes(i: MemoryInputs) -> float:
     """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
     m, w = i.model, i.bytes_per_elem
-    h, kv, inter, heads = m.hidden, m.kv_dim, m.intermediate, m.heads
-    z3_keeps_inputs = i.zero_stage == 3 and i.uses_zero_init
+    h, heads = m.hidden, m.heads
+    kv = i.attn_kv_dim  # Ulysses with kv_heads < sp: K/V repeated to one head per rank
     lora_targets = set(i.lora_targets) if i.lora else set()
     norms_train = not i.lora or "norm" in i.lora_trainable
 
-    def keeps_input(*projs: str) -> bool:
-        return not i.lora or z3_keeps_inputs or any(p in lora_targets for p in projs)
-
     norm = 4 * h + 4 + (w * h if norms_train else 0)
     total = 2 * norm
-    total += w * h if keeps_input("q_proj", "k_proj", "v_proj") else 0
-    total += w * h if keeps_input("gate_proj", "up_proj") else 0
-    total += w * inter if keeps_input("down_proj") else 0
-    total += w * i.lora_r * len(lora_targets & set(ATTN_PROJ + MLP_PROJ))
-    total += 3 * w * inter  # silu input, silu output, up (the SwiGLU product's inputs)
+    total += w * h if _keeps_input(i, "q_proj", "k_proj", "v_proj") else 0
+    total += w * i.lora_r * len(lora_targets & set(ATTN_PROJ))
+    # TiledMLP saves only its input (the normed hidden states); the rest exists one tile at a time
+    total += w * h if i.tiled_mlp else mlp_saved_bytes(i)
     total += w * m.q_dim * 2 + 2 * w * kv  # q (after RoPE) and the attention output; k, v
     if i.attention_kernel == "flash":
         total += 4 * heads  # log-sum-exp per head
@@ -331,6 +403,10 @@ def layer_activation_bytes(i: MemoryInputs) -> float:
         total += (4 + w) * heads * _eager_keys(i)  # fp32 softmax output + its cast
     if i.attention == "s2":
         total += w * m.q_dim  # the two head-halves' outputs concatenated into a new tensor
+    if i.ulysses and _keeps_input(i, "o_proj"):
+        # the core attention's output (N, H/sp heads, saved by the kernel) goes back through an all-to-all
+        # into a new (L, all heads) tensor: o_proj's input is a second copy, w·q per local token
+        total += w * m.q_dim
     if i.sp > 1 and i.sp_mode == "s2_halo":
         # megalong.parallel.s2_halo: a half with a halo runs on [halo ‖ local] keys: its K/V arrive as one
         # new (halo + L) tensor (replacing its share of k, v), its queries are zero-padded to halo + L and
@@ -363,15 +439,21 @@ def _eager_keys(i: MemoryInputs) -> int:
 
 
 def layer_backward_temporaries(i: MemoryInputs) -> float:
-    """Per token: gradients alive at the worst moment of a layer's backward (the SwiGLU product).
+    """Bytes per rank of the gradients alive at the worst moment of a layer's backward (the SwiGLU product).
 
     The layer's output gradient (w·h), and the product's gradient plus the gradients of its two
     factors (3·w·I) before the factors are freed; when down_proj keeps its input (it trains, or
-    zero.Init's linear), that input is freed one node earlier, so the net is 2·w·I.
+    zero.Init's linear), that input is freed one node earlier, so the net is 2·w·I. All per token.
+
+    TiledMLP (DeepSpeed 0.19.8's backward): the output gradient and a zero-filled input gradient for
+    all tokens (2·w·h), plus, for one tile, the recomputed MLP's saved tensors and those gradients.
     """
-    w, m = i.bytes_per_elem, i.model
-    keeps_product = not i.lora or "down_proj" in i.lora_targets or (i.zero_stage == 3 and i.uses_zero_init)
-    return float(w * m.hidden + (2 if keeps_product else 3) * w * m.intermediate)
+    w, m, t = i.bytes_per_elem, i.model, i.tokens_per_rank
+    keeps_product = _keeps_input(i, "down_proj")
+    grads = (2 if keeps_product else 3) * w * m.intermediate
+    if not i.tiled_mlp:
+        return float((w * m.hidden + grads) * t)
+    return float(2 * w * m.hidden * t + (mlp_saved_bytes(i) + grads) * i.mlp_tile_tokens)
 
 
 def attention_workspace(i: MemoryInputs) -> float:
@@ -381,13 +463,14 @@ def attention_workspace(i: MemoryInputs) -> float:
         keys = _eager_keys(i)
         # scores and masked scores (w each) and the fp32 softmax gradient, plus the additive mask
         return float((2 * w + 4) * m.heads * keys * t + w * i.micro_batch * keys * (i.seq_len // i.sp))
-    per_token = w * (m.q_dim + 2 * m.kv_dim)  # dq, dk, dv
+    kv = i.attn_kv_dim
+    per_token = w * (m.q_dim + 2 * kv)  # dq, dk, dv
     if i.accelerator == "cuda":
         per_token += 4 * m.q_dim  # flash-attn's fp32 dq accumulator
     if i.attention == "s2":
         per_token /= 2  # the two head-halves run one after the other
-    if i.sp > 1 and i.sp_mode == "ulysses":
-        per_token += w * (2 * m.q_dim + 2 * m.kv_dim)  # all-to-all send/receive copies
+    if i.ulysses:
+        per_token += w * (2 * m.q_dim + 2 * kv)  # all-to-all send/receive copies of dq, dk, dv
     return float(per_token * t)
 
 
@@ -486,11 +569,19 @@ def _activation_terms(i: MemoryInputs, c: ParamCounts) -> list[Term]:
         if i.cpu_checkpointing:
             ckpts = Term("activations: checkpoints", 2 * w * m.hidden * t, kept_inputs, phase="backward",
                          note="layer inputs on the host; the GPU holds the copies in flight")
+        elif i.offload_activations and i.accelerator == "cuda":
+            # CheckpointHiddenStatesOffload (0.19.8 defaults): keep_last_count=1 input stays on the GPU and
+            # max_fwd_stash_count=2 offloaded ones keep their GPU copy until restored
+            on_gpu = min(m.layers, 3)
+            ckpts = Term("activations: checkpoints", on_gpu * w * m.hidden * t, (m.layers - 1) * w * m.hidden * t,
+                         phase="backward", note=f"offloaded: {m.layers - 1} layer inputs on the host, "
+                                                f"{on_gpu} on the GPU (newest + 2 in flight)")
         else:
             ckpts = Term("activations: checkpoints", kept_inputs, phase="backward", note="each layer's input")
     other = Term("activations: other", other_activations(i), phase="backward", note="rope, final norm, ids")
-    tmp = Term("backward temporaries", layer_backward_temporaries(i) * t, phase="backward",
-               note="a layer's output gradient + SwiGLU gradients")
+    tmp = Term("backward temporaries", layer_backward_temporaries(i), phase="backward",
+               note="a layer's output gradient + SwiGLU gradients"
+                    + (f" (tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens)" if i.tiled_mlp else ""))
     attn = Term("attention workspace", attention_workspace(i), phase="backward",
                 note="eager softmax, O(N·K)" if i.attention_kernel == "eager" else "dq, dk, dv (+ fp32 accumulator)")
     loss = Term("logits/loss", loss_buffers(i, c), phase="backward",
@@ -557,11 +648,19 @@ def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:
             notes.append(f"sp={i.sp} ({i.sp_mode}): {i.tokens_per_rank} tokens per rank; halos of "
                          + "/".join(f"{f:.0%}" for f in halo_fractions(i)) + " of L per head-half")
         else:
-            notes.append(f"sp={i.sp}: {i.sp_mode} is planned only; megalong's trainer runs sp_mode=s2_halo")
+            notes.append(f"sp={i.sp} (ulysses): attention on all {i.seq_len} tokens with {i.model.heads // i.sp} of "
+                         f"{i.model.heads} heads per rank"
+                         + (" (KV heads repeated to 1 per rank)" if i.model.kv_heads < i.sp else "")
+                         + f", everything else on {i.tokens_per_rank} tokens")
     if i.attention == "s2" and i.attention_kernel == "flash":
         notes.append("with flash/SDPA kernels S²-Attn saves compute, not memory (attention memory is O(N) either way)")
+    if i.tiled_mlp:
+        notes.append(f"tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens; the MLP saves only its input")
+    if i.offload_activations and i.accelerator == "cpu":
+        notes.append("offload_activations is a pass-through on CPU (DeepSpeed offloads nothing from a CPU device)")
     if i.zero_stage == 3 and i.uses_zero_init and i.lora:
-        notes.append("zero.Init's F.linear keeps every linear's input, frozen ones too (+w·(h+I) per token per layer)")
+        notes.append("zero.Init's F.linear keeps every linear's input, frozen ones too (+w·(h+I) per token per layer"
+                     + ("; the MLP's only inside its tiles)" if i.tiled_mlp else ")"))
     return notes
 
 
@@ -578,6 +677,9 @@ _REMEDIES: list[tuple[str, dict]] = [
     ("--train.activation_checkpointing=deepspeed --train.cpu_checkpointing=true",
      {"activation_checkpointing": "layer", "cpu_checkpointing": True}),
     ("--zero.stage=3 --zero.offload_param=true", {"zero_stage": 3, "offload_param": True}),
+    ("--train.tiled_mlp=true", {"tiled_mlp": True}),
+    ("--train.activation_checkpointing=hf --train.offload_activations=true",
+     {"activation_checkpointing": "layer", "offload_activations": True, "cpu_checkpointing": False}),
 ]
 
 

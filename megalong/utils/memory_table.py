@@ -22,7 +22,8 @@ def describe_inputs(est: MemoryEstimate) -> str:
     """One paragraph: model, length, layout and the memory-relevant switches."""
     i, c = est.inputs, est.counts
     mode = f"LoRA+ r={i.lora_r}" if i.lora else "full fine-tune"
-    ckpt = i.activation_checkpointing + (" (cpu_checkpointing)" if i.cpu_checkpointing else "")
+    ckpt = i.activation_checkpointing + (" (cpu_checkpointing)" if i.cpu_checkpointing else "") + (
+        " (offload_activations)" if i.offload_activations else "")
     offload = [n for n, on in (("optimizer", i.offload_optimizer), ("params", i.offload_param)) if on]
     attn = f"S²-Attn G={i.group}" if i.attention == "s2" else "full"
     return (
@@ -30,7 +31,8 @@ def describe_inputs(est: MemoryEstimate) -> str:
         f"seq_len {i.seq_len} × micro_batch {i.micro_batch}, {i.nodes} node(s) × {i.gpus_per_node} GPUs "
         f"(world {i.world}, dp {i.dp}, sp {i.sp}: {i.tokens_per_rank} tokens per GPU)\n"
         f"ZeRO-{i.zero_stage}, offload: {', '.join(offload) or 'none'}, activation checkpointing: {ckpt}, "
-        f"attention: {attn} ({i.attention_kernel} kernel), dtype {i.dtype}, accelerator {i.accelerator}"
+        f"attention: {attn} ({i.attention_kernel} kernel), sp_mode {i.sp_mode}, "
+        f"MLP: {f'tiled ({i.mlp_shards} tiles)' if i.tiled_mlp else 'whole'}, dtype {i.dtype}, accelerator {i.accelerator}"
     )
 
 

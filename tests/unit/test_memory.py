@@ -374,10 +374,92 @@ def test_dry_run_plans_cpu_ranks():
     from megalong.config import load_config
     from megalong.engine.dryrun import dry_run
 
-    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", ["--model.arch=llama2-7b", "--data.max_seq_len=8192"])
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", ["--model.arch=llama2-7b", "--data.max_seq_len=8192",
+                                                                "--model.name_or_path=/nonexistent/llama-2-7b"])
     cuda = dry_run(cfg, gpus_per_node=2, host_memory_gb=24)
     cpu = dry_run(cfg, gpus_per_node=2, host_memory_gb=24, accelerator="cpu")
     assert cpu.estimate.inputs.accelerator == "cpu" and cuda.estimate.inputs.accelerator == "cuda"
     assert cpu.estimate.term("framework overhead").gpu == cpu.estimate.inputs.cpu_process_gb * GiB
     assert cpu.estimate.host_per_node == pytest.approx(2 * cpu.estimate.gpu_peak)
     assert not cpu.fits  # a 7B model's 13 GiB of bf16/fp32 weights on each of two ranks of a 24 GiB box
+
+
+# ------------------------------------------------------------------ ALST features and Ulysses (hand-computed)
+def test_tiled_mlp_saves_only_its_input_and_one_tile_of_gradients():
+    from megalong.utils.memory import layer_backward_temporaries
+
+    # SMALL: h=8, I=16, w=2, LoRA+ on attention only, ZeRO-2: no MLP linear keeps its input
+    plain, tiled = _inputs(seq_len=64), _inputs(seq_len=64, tiled_mlp=True)
+    # the MLP's gate, silu(gate), up (3·w·I = 96) give way to TiledMLP's saved input (w·h = 16)
+    assert layer_activation_bytes(plain) == 352
+    assert layer_activation_bytes(tiled) == 352 - 96 + 16
+    # backward: output gradient w·h per token and 3·w·I of SwiGLU gradients for all 64 tokens ...
+    assert layer_backward_temporaries(plain) == (16 + 96) * 64
+    # ... against output gradient + zero-filled input gradient (2·w·h) for all tokens, and one tile's
+    # saved tensors (96) and gradients (96): ceil(64 / h) = 8 tiles of 8 tokens, or 4 tiles of 16
+    assert tiled.mlp_shards == 8 and tiled.mlp_tile_tokens == 8
+    assert layer_backward_temporaries(tiled) == 2 * 16 * 64 + (96 + 96) * 8
+    assert layer_backward_temporaries(replace(tiled, tiled_mlp_shards=4)) == 2 * 16 * 64 + (96 + 96) * 16
+    # zero.Init's F.linear keeps the MLP's inputs (w·h + w·I) inside the tile; the product is then freed
+    # one node earlier (2·w·I of gradients): tile · (16 + 32 + 96 + 64)
+    z3 = replace(tiled, zero_stage=3)
+    assert layer_backward_temporaries(z3) == 2 * 16 * 64 + (16 + 32 + 96 + 64) * 8
+    assert layer_activation_bytes(z3) == layer_activation_bytes(replace(z3, tiled_mlp=False)) - (16 + 32 + 96) + 16
+    assert estimate_memory(tiled).gpu_peak < estimate_memory(plain).gpu_peak
+
+
+def test_activation_offload_moves_all_but_three_layer_inputs_to_the_host():
+    shape = ModelShape.known("llama2-7b")  # 32 layers, h = 4096, bf16
+    base = MemoryInputs(shape, 32768, fragmentation=0.0)
+    off = replace(base, offload_activations=True)
+    a, b = estimate_memory(base), estimate_memory(off)
+    per_layer = 2 * 4096 * 32768  # w·h·T, one layer input
+    assert a.term("activations: checkpoints").gpu == 32 * per_layer
+    assert b.term("activations: checkpoints").gpu == 3 * per_layer  # newest + 2 in flight
+    assert b.term("activations: checkpoints").host == 31 * per_layer
+    assert a.gpu_peak - b.gpu_peak == pytest.approx(29 * per_layer)
+    assert b.host_per_node - a.host_per_node == pytest.approx(8 * 31 * per_layer)
+    # on CPU DeepSpeed offloads nothing: the same plan
+    cpu = replace(base, accelerator="cpu", gpus_per_node=1)
+    assert estimate_memory(replace(cpu, offload_activations=True)).gpu_peak == estimate_memory(cpu).gpu_peak
+    with pytest.raises(ValueError, match="needs activation_checkpointing"):
+        replace(base, activation_checkpointing="none", offload_activations=True)
+
+
+def test_ulysses_attention_sees_the_whole_row_with_h_over_sp_heads():
+    from megalong.utils.memory import attention_workspace, halo_fractions
+
+    gqa = ModelShape("gqa", hidden=64, intermediate=128, layers=2, heads=8, kv_heads=2, head_dim=8, vocab=10)
+    one = MemoryInputs(gqa, 4096, fragmentation=0.0)
+    uly = replace(one, sp=8, sp_mode="ulysses")
+    w, q = 2, 64
+    assert uly.tokens_per_rank == 512
+    # K/V: 2 KV heads < sp = 8: DeepSpeed repeats them to one head per rank, N tokens = 8 heads per local
+    # token (2·w·(64 − 16)); o_proj's input comes back through the all-to-all: a second w·q copy
+    assert uly.attn_kv_dim == 64
+    assert layer_activation_bytes(uly) - layer_activation_bytes(one) == 2 * w * (64 - 16) + w * q
+    # dq, dk, dv for one head-half, then the all-to-all copies of dq, dk, dv
+    assert attention_workspace(uly) == 512 * (w * (q + 2 * 64 + 4 * q / w) / 2 + w * (2 * q + 2 * 64))
+    # with kv_heads >= sp the K/V split like the queries: no repeat
+    mha = replace(uly, model=replace(gqa, kv_heads=8))
+    assert mha.attn_kv_dim == 64 and layer_activation_bytes(mha) - layer_activation_bytes(
+        replace(one, model=mha.model)) == w * q
+    # everything else is per rank: L = N/sp tokens, no halo
+    a, b = estimate_memory(one), estimate_memory(uly)
+    assert b.term("activations: checkpoints").gpu == a.term("activations: checkpoints").gpu / 8
+    assert halo_fractions(replace(uly, sp_mode="s2_halo")) != [0.0, 0.0]
+    assert not any("planned only" in n for n in b.notes)
+    with pytest.raises(ValueError, match="ulysses needs sp to divide"):
+        MemoryInputs(replace(gqa, heads=12, hidden=96), 4096, sp=8, sp_mode="ulysses")
+
+
+def test_dry_run_wires_tiling_and_offload():
+    from megalong.config import load_config
+    from megalong.engine.dryrun import dry_run
+
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", [
+        "--model.arch=llama2-7b", "--model.name_or_path=/nonexistent/llama-2-7b", "--data.max_seq_len=65536",
+        "--train.tiled_mlp=true", "--train.tiled_mlp_shards=4", "--train.activation_checkpointing=hf",
+        "--train.offload_activations=true", "--train.micro_batch_size=1"])
+    i = dry_run(cfg, gpus_per_node=8).estimate.inputs
+    assert i.tiled_mlp and i.tiled_mlp_shards == 4 and i.offload_activations and i.activation_checkpointing == "layer"
