@@ -252,10 +252,18 @@ class MemoryInputs:
 
     @property
     def mlp_shards(self) -> int:
-        """TiledMLP's tiles per call (1 without tiling)."""
+        """TiledMLP's tiles per call (1 without tiling): as megalong.engine.tiling, the requested count
+        (0: ceil(T / hidden)) rounded to one torch.chunk honours: tiles of ceil(T / requested) tokens."""
         if not self.tiled_mlp:
             return 1
-        return self.tiled_mlp_shards or max(1, math.ceil(self.tokens_per_rank / self.model.hidden))
+        t = self.tokens_per_rank
+        asked = max(1, min(t, self.tiled_mlp_shards or math.ceil(t / self.model.hidden)))
+        return math.ceil(t / math.ceil(t / asked))
+
+    @property
+    def mlp_tiled(self) -> bool:
+        """Whether the MLP really runs tiled (one tile is the plain MLP)."""
+        return self.mlp_shards > 1
 
     @property
     def mlp_tile_tokens(self) -> int:
@@ -394,7 +402,7 @@ def layer_activation_bytes(i: MemoryInputs) -> float:
     total += w * h if _keeps_input(i, "q_proj", "k_proj", "v_proj") else 0
     total += w * i.lora_r * len(lora_targets & set(ATTN_PROJ))
     # TiledMLP saves only its input (the normed hidden states); the rest exists one tile at a time
-    total += w * h if i.tiled_mlp else mlp_saved_bytes(i)
+    total += w * h if i.mlp_tiled else mlp_saved_bytes(i)
     total += w * m.q_dim * 2 + 2 * w * kv  # q (after RoPE) and the attention output; k, v
     if i.attention_kernel == "flash":
         total += 4 * heads  # log-sum-exp per head
@@ -451,7 +459,7 @@ def layer_backward_temporaries(i: MemoryInputs) -> float:
     w, m, t = i.bytes_per_elem, i.model, i.tokens_per_rank
     keeps_product = _keeps_input(i, "down_proj")
     grads = (2 if keeps_product else 3) * w * m.intermediate
-    if not i.tiled_mlp:
+    if not i.mlp_tiled:
         return float((w * m.hidden + grads) * t)
     return float(2 * w * m.hidden * t + (mlp_saved_bytes(i) + grads) * i.mlp_tile_tokens)
 
@@ -581,7 +589,7 @@ def _activation_terms(i: MemoryInputs, c: ParamCounts) -> list[Term]:
     other = Term("activations: other", other_activations(i), phase="backward", note="rope, final norm, ids")
     tmp = Term("backward temporaries", layer_backward_temporaries(i), phase="backward",
                note="a layer's output gradient + SwiGLU gradients"
-                    + (f" (tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens)" if i.tiled_mlp else ""))
+                    + (f" (tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens)" if i.mlp_tiled else ""))
     attn = Term("attention workspace", attention_workspace(i), phase="backward",
                 note="eager softmax, O(N·K)" if i.attention_kernel == "eager" else "dq, dk, dv (+ fp32 accumulator)")
     loss = Term("logits/loss", loss_buffers(i, c), phase="backward",
@@ -655,12 +663,12 @@ def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:
     if i.attention == "s2" and i.attention_kernel == "flash":
         notes.append("with flash/SDPA kernels S²-Attn saves compute, not memory (attention memory is O(N) either way)")
     if i.tiled_mlp:
-        notes.append(f"tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens; the MLP saves only its input")
+        notes.append("tiled MLP: one tile (the plain MLP)" if not i.mlp_tiled else f"tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens; the MLP saves only its input")
     if i.offload_activations and i.accelerator == "cpu":
         notes.append("offload_activations is a pass-through on CPU (DeepSpeed offloads nothing from a CPU device)")
     if i.zero_stage == 3 and i.uses_zero_init and i.lora:
         notes.append("zero.Init's F.linear keeps every linear's input, frozen ones too (+w·(h+I) per token per layer"
-                     + ("; the MLP's only inside its tiles)" if i.tiled_mlp else ")"))
+                     + ("; the MLP's only inside its tiles)" if i.mlp_tiled else ")"))
     return notes
 
 

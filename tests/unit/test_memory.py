@@ -400,6 +400,11 @@ def test_tiled_mlp_saves_only_its_input_and_one_tile_of_gradients():
     assert tiled.mlp_shards == 8 and tiled.mlp_tile_tokens == 8
     assert layer_backward_temporaries(tiled) == 2 * 16 * 64 + (96 + 96) * 8
     assert layer_backward_temporaries(replace(tiled, tiled_mlp_shards=4)) == 2 * 16 * 64 + (96 + 96) * 16
+    # as megalong.engine.tiling: 5 tiles asked of 64 rows -> chunks of 13 -> 5; 48 asked -> chunks of 2 -> 32;
+    # 1 tile (T <= h by default) is the plain MLP
+    assert replace(tiled, tiled_mlp_shards=5).mlp_shards == 5 and replace(tiled, tiled_mlp_shards=48).mlp_shards == 32
+    one = _inputs(seq_len=8, tiled_mlp=True)
+    assert not one.mlp_tiled and layer_activation_bytes(one) == layer_activation_bytes(_inputs(seq_len=8))
     # zero.Init's F.linear keeps the MLP's inputs (w·h + w·I) inside the tile; the product is then freed
     # one node earlier (2·w·I of gradients): tile · (16 + 32 + 96 + 64)
     z3 = replace(tiled, zero_stage=3)
