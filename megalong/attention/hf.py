@@ -194,11 +194,11 @@ def s2_attention_forward(
     _check_call(dropout, kwargs)
     group_size = _group_size(module)
     sp = kwargs.get("sp_context")
-    if sp is not None:  # sequence parallel: this rank's queries over [halo ‖ local] keys (megalong.parallel)
+    if sp is not None:  # sequence parallel (megalong.parallel): halo exchange or Ulysses all-to-all
         if not _spec(module).shift:
             raise ValueError("short attention (attention.train=short) is not built for sequence parallelism; "
                              "use parallel.sp=1")
-        out = sp.attend(query, key, value, group_size, _spec(module).backend, scaling)
+        out = sp.attend(query, key, value, group_size, _spec(module).backend, scaling, module=module)
         return out.transpose(1, 2), None  # (B, L, H, Dv)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
@@ -245,7 +245,8 @@ def full_attention_forward(
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel (evaluation at lengths one rank cannot hold)
         _check_call(dropout, kwargs)
-        return sp.attend(query, key, value, None, _spec(module).backend, scaling).transpose(1, 2), None
+        out = sp.attend(query, key, value, None, _spec(module).backend, scaling, module=module)
+        return out.transpose(1, 2), None
     if attention_mask is not None:  # a stock 4D mask (padding, cache, window): stock sdpa
         if segment_ids is not None:
             attention_mask = _with_segments(attention_mask, segment_ids)

@@ -50,9 +50,6 @@ def check_layout(cfg: Config, world: int) -> list[Finding]:
                                              f"use one of {options}")]
     out = []
     if sp > 1:
-        if cfg.parallel.sp_mode != "s2_halo":
-            out.append(Finding("error", "parallel", f"parallel.sp_mode={cfg.parallel.sp_mode!r} is not built yet; "
-                                                    "use parallel.sp_mode=s2_halo"))
         if cfg.attention.train == "short":
             out.append(Finding("error", "parallel", "attention.train=short (the pilot-study baseline) is not built "
                                                     "for sequence parallelism; use parallel.sp=1"))
@@ -68,14 +65,26 @@ def check_layout(cfg: Config, world: int) -> list[Finding]:
 
 
 def check_heads(cfg: Config, hf: Any) -> list[Finding]:
-    """KV heads against Ulysses' head split (H % H_kv itself is checked when the config is read)."""
-    _, kv = _heads(hf)
+    """Heads against Ulysses' head split (H % H_kv itself is checked when the config is read).
+
+    Ulysses gives every rank H/sp query heads; KV heads are split the same way, or, with fewer KV
+    heads than ranks, DeepSpeed repeats each to sp/H_kv ranks (sp must then be a multiple of H_kv)."""
+    heads, kv = _heads(hf)
     sp = cfg.parallel.sp
-    if sp > 1 and cfg.parallel.sp_mode == "ulysses" and kv % sp:
-        ok = [d for d in range(1, kv + 1) if kv % d == 0]
-        return [Finding("error", "parallel", f"parallel.sp={sp} does not divide the {kv} KV heads (Ulysses splits "
-                                             f"heads); use parallel.sp in {ok} or parallel.sp_mode=s2_halo")]
-    return []
+    if sp <= 1 or cfg.parallel.sp_mode != "ulysses":
+        return []
+    out = []
+    if heads % sp:
+        ok = [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+        out.append(Finding("error", "parallel", f"parallel.sp={sp} does not divide the {heads} attention heads "
+                                                f"(Ulysses gives each rank H/sp heads); use parallel.sp in {ok} or "
+                                                "parallel.sp_mode=s2_halo"))
+    elif kv % sp and sp % kv:
+        ok = [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+        out.append(Finding("error", "parallel", f"parallel.sp={sp} and the {kv} KV heads do not divide one another "
+                                                f"(Ulysses splits or repeats KV heads); use parallel.sp in {ok} or "
+                                                "parallel.sp_mode=s2_halo"))
+    return out
 
 
 def check_batch(cfg: Config, world: int) -> list[Finding]:

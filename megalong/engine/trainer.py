@@ -76,7 +76,7 @@ class Trainer:
         self.tokenizer = build.load_run_tokenizer(cfg)
         self.preflight(dist.get_world_size() if dist.is_initialized() else 1, self.accelerator, self.tokenizer)
         self.dims = ParallelDims.from_env(cfg.parallel.sp).build()
-        self.halo_stats = HaloStats() if self.dims.sp > 1 else None
+        self.halo_stats = HaloStats() if self.dims.sp > 1 and self.cfg.parallel.sp_mode == "s2_halo" else None
         self.rank, self.is_main = self.dims.rank, self.dims.rank == 0
         self.batch = batch_arithmetic(cfg, self.dims.dp)
         self.ds_config = render_deepspeed_config(cfg, self.dims.dp, self.accelerator)
@@ -336,7 +336,7 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         """The model's inputs on this rank's device; with sequence parallelism, this rank's part of the row."""
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in BATCH_KEYS}
-        out = shard_batch(out, self.dims, self.cfg.data.doc_mask, self.halo_stats)
+        out = shard_batch(out, self.dims, self.cfg.data.doc_mask, self.halo_stats, self.cfg.parallel.sp_mode)
         if not self.cfg.data.doc_mask:
             out.pop("segment_ids", None)
         return out

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megalong.attention.heads import HeadLayout, split_halves
-from megalong.attention.layout import doc_starts, positions_in_doc
+from megalong.attention.layout import doc_starts, positions_in_doc, segments_from_position_ids
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -209,7 +209,7 @@ class SequenceParallelContext:
         return self._plans[group_size]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None) -> torch.Tensor:
+               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
         """What megalong's registered attention functions call under sequence parallelism
         (``megalong.attention`` stays free of distributed code): see ``halo_attention``."""
         return halo_attention(query, key, value, self, group_size, backend, scale)
@@ -219,26 +219,30 @@ class SequenceParallelContext:
         return slice(plan.halo_start[half][self.rank], end)
 
 
-def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tensor | None, dims,
-                  use_position_restarts: bool = True, stats: HaloStats | None = None) -> SequenceParallelContext:
-    """The per-batch context from the whole row's position ids (B, N) and optional segment ids (B, N).
+def row_documents(position_ids_full: torch.Tensor, segment_ids_full: torch.Tensor | None,
+                  use_position_restarts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position inside its document, document index) of every token of the whole rows (B, N), on the host.
 
     Documents follow megalong's attention rules: segment runs when given, else restarting position
-    ids (a packed row with ``reset_position_ids``), else one document per row."""
-    from megalong.attention.layout import segments_from_position_ids
-
+    ids (a packed row with ``reset_position_ids``), else one document per row. Both sequence-parallel
+    modes (halo and Ulysses) take the row's layout from here."""
     seg = segment_ids_full
     if seg is None and use_position_restarts:
-        seg = segments_from_position_ids(position_ids_full)
+        seg = segments_from_position_ids(position_ids_full.cpu())
     if seg is None:
         starts = torch.zeros(position_ids_full.shape, dtype=torch.bool)
         starts[:, 0] = True
     else:
         starts = doc_starts(seg.cpu())
-    group = dims.groups.get("sp")
-    peers = tuple(dims.sp_group_ranks())
-    return SequenceParallelContext(dims.sp_rank, dims.sp, group, peers, positions_in_doc(starts),
-                                   starts.long().cumsum(dim=-1), stats)
+    return positions_in_doc(starts), starts.long().cumsum(dim=-1)
+
+
+def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tensor | None, dims,
+                  use_position_restarts: bool = True, stats: HaloStats | None = None) -> SequenceParallelContext:
+    """The per-batch halo context from the whole row's position ids (B, N) and optional segment ids (B, N)."""
+    pos_in_doc, doc_ids = row_documents(position_ids_full, segment_ids_full, use_position_restarts)
+    return SequenceParallelContext(dims.sp_rank, dims.sp, dims.groups.get("sp"), tuple(dims.sp_group_ranks()),
+                                   pos_in_doc, doc_ids, stats)
 
 
 def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: SequenceParallelContext,

@@ -4,8 +4,9 @@
     rank r keeps   input_ids[:, rL:(r+1)L]         (the loader slices rows by data-parallel rank)
                    labels[:, rL:(r+1)L]            already shifted in the data: nothing crosses ranks
                    position_ids[:, rL:(r+1)L]      global positions (RoPE sees where the token really is)
-    and            sp_context                      the whole row's document layout + the halo plan,
-                                                   for the attention layers (megalong.parallel.s2_halo)
+    and            sp_context                      the whole row's document layout (+ the halo plan), for
+                                                   the attention layers: megalong.parallel.s2_halo
+                                                   (parallel.sp_mode=s2_halo) or .ulysses
 
 A length that sp does not divide is refused at start-up (megalong.engine.checks), not padded:
 padding would change the number of scored tokens between layouts.
@@ -17,17 +18,20 @@ import torch
 
 from megalong.config.schema import ConfigError
 from megalong.parallel.s2_halo import HaloStats, build_context
+from megalong.parallel.ulysses import build_ulysses_context
 
 
 def shard_batch(batch: dict[str, torch.Tensor], dims, doc_mask: bool,
-                stats: HaloStats | None = None) -> dict:
+                stats: HaloStats | None = None, sp_mode: str = "s2_halo") -> dict:
     """This rank's part of a (B, N) batch, plus ``sp_context`` for attention; unchanged when sp = 1.
 
     Args:
         batch: input_ids, labels and optionally position_ids, segment_ids (B, N).
         dims: the built ParallelDims.
         doc_mask: whether attention honours ``segment_ids`` (data.doc_mask).
-        stats: optional counter of the halo bytes this rank sends.
+        stats: optional counter of the halo bytes this rank sends (s2_halo).
+        sp_mode: ``s2_halo`` (halo exchange) or ``ulysses`` (DeepSpeed's all-to-all): which context
+            the attention layers get; the token slices are the same.
     """
     if dims.sp == 1:
         return batch
@@ -42,6 +46,12 @@ def shard_batch(batch: dict[str, torch.Tensor], dims, doc_mask: bool,
     if positions is None:
         positions = torch.arange(n, device=ids.device).expand(b, n)
     segments = batch.get("segment_ids") if doc_mask else None
-    ctx = build_context(positions.cpu(), None if segments is None else segments.cpu(), dims, stats=stats)
+    segments = None if segments is None else segments.cpu()
+    if sp_mode == "ulysses":
+        ctx = build_ulysses_context(positions.cpu(), segments, dims, local)
+    elif sp_mode == "s2_halo":
+        ctx = build_context(positions.cpu(), segments, dims, stats=stats)
+    else:
+        raise ConfigError(f"parallel.sp_mode={sp_mode!r} is not one of s2_halo, ulysses")
     return {"input_ids": ids[:, local], "labels": batch["labels"][:, local],
             "position_ids": positions[:, local], "sp_context": ctx}

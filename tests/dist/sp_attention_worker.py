@@ -1,8 +1,11 @@
 """One rank of the sequence-parallel attention check (tests/dist/test_sp_attention.py).
 
 Every rank draws the same random row(s), runs single-process attention over the whole row as the
-reference, then the sequence-parallel version over its own L = N/P tokens (halo exchange through
-gloo), and compares its output rows and its dq, dk, dv with the reference's. Prints one JSON line.
+reference, then the sequence-parallel version over its own L = N/P tokens (``halo``: the halo
+exchange; ``ulysses``: DeepSpeed's all-to-all around megalong's kernel), through gloo, and compares
+its output rows and its dq, dk, dv with the reference's. Prints one JSON line.
+
+    python -m tests.dist.sp_attention_worker [halo|ulysses]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.distributed as dist
 from megalong.attention import full_attention, s2_attention
 from megalong.parallel.dims import ParallelDims
 from megalong.parallel.s2_halo import HaloStats, build_context, halo_attention
+from megalong.parallel.ulysses import build_ulysses_context
 
 # b, heads, kv heads, n, G (None: full attention), document cuts per row, left/right padding per row
 CASES = [
@@ -29,6 +33,15 @@ CASES = [
     ("left and right padding", 2, 4, 2, 48, 16, [[], []], [("left", 7), ("right", 9)]),
     ("full attention, documents", 2, 4, 2, 48, None, [[20], [7, 30]], None),
     ("odd heads", 1, 3, 3, 64, 8, [[]], None),
+]
+# Ulysses splits heads: H divisible by sp, H_kv divisible by sp or sp by H_kv (DeepSpeed repeats K/V)
+ULYSSES_CASES = [
+    ("MHA 8/8, L=2G", 1, 8, 8, 64, 8, [[]], None),
+    ("GQA 8/2 (KV < sp at 4), documents incl. at rank boundaries", 2, 8, 2, 64, 8, [[5, 24], [12, 36, 40]], None),
+    ("MQA 4/1", 1, 4, 1, 48, 16, [[]], None),
+    ("L<G, N not multiple of G", 1, 4, 2, 40, 16, [[]], None),
+    ("left and right padding", 2, 8, 4, 48, 16, [[], []], [("left", 7), ("right", 9)]),
+    ("full attention, documents, GQA 8/2", 2, 8, 2, 48, None, [[20], [7, 30]], None),
 ]
 
 
@@ -46,7 +59,15 @@ def _segments(b, n, cuts, padding):
     return seg
 
 
-def run_case(case, dims, stats):
+class _Attn(torch.nn.Module):
+    """Stands in for an HF attention module: DeepSpeed rewrites ``num_key_value_groups`` when it repeats K/V."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def run_case(case, dims, stats, mode="halo"):
     name, b, h, hk, n, g, cuts, padding = case
     gen = torch.Generator().manual_seed(n * 31 + h)
     q, k, v = (torch.randn(b, x, n, 16, generator=gen, dtype=torch.float32) for x in (h, hk, hk))
@@ -64,26 +85,87 @@ def run_case(case, dims, stats):
     loc = slice(r * length, (r + 1) * length)
     ql, kl, vl = (t[:, :, loc].clone().requires_grad_(True) for t in (q, k, v))
     pos_ids = torch.arange(n).expand(b, n)
-    ctx = build_context(pos_ids, seg, dims, stats=stats)
-    out = halo_attention(ql, kl, vl, ctx, g, "sdpa", None)
-    out.backward(grad_out[:, :, loc])
     errs = {}
+    if mode == "ulysses":
+        module = _Attn(h // hk)
+        out = build_ulysses_context(pos_ids, seg, dims, loc).attend(ql, kl, vl, g, "sdpa", None, module=module)
+        errs["kv_groups_kept"] = float(module.num_key_value_groups == h // hk)
+    else:
+        out = halo_attention(ql, kl, vl, build_context(pos_ids, seg, dims, stats=stats), g, "sdpa", None)
+    out.backward(grad_out[:, :, loc])
     for label, got, ref in (("out", out, want[:, :, loc]), ("dq", ql.grad, qr.grad[:, :, loc]),
                             ("dk", kl.grad, kr.grad[:, :, loc]), ("dv", vl.grad, vr.grad[:, :, loc])):
         errs[label] = float((got - ref).abs().max() / (ref.abs().max() + 1e-30))
     return name, errs
 
 
+def run_model(dims) -> dict:
+    """A tiny MQA Llama (1 KV head < sp: DeepSpeed repeats it) trained one step under Ulysses equals one
+    process over the whole row (summed token loss and every gradient, after summing over the sp group),
+    and afterwards a plain full-attention forward of the same model still equals the reference."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megalong.attention import use_full_attention, use_s2_attention
+    from megalong.engine.model import TrainModule
+    from megalong.parallel.sharding import shard_batch
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=256, attention_dropout=0.0)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).float()
+    model = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(5)
+    b, n = 2, 64
+    ids = torch.randint(0, 97, (b, n + 1), generator=gen)
+    seg = _segments(b, n, [[23], [9, 40]], None)
+    pos = torch.cat([torch.arange(int((seg[r] == s).sum())) for r in range(b) for s in seg[r].unique()]).view(b, n)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": pos, "segment_ids": seg}
+    out = {}
+    for net in (ref, model):
+        use_s2_attention(net, 16)
+    want_sum, want_count = TrainModule(ref)(**batch)
+    want_sum.backward()
+    got_sum, got_count = TrainModule(model)(**shard_batch(dict(batch), dims, doc_mask=True, sp_mode="ulysses"))
+    got_sum.backward()
+    total = torch.stack([got_sum.detach(), got_count.float()])
+    dist.all_reduce(total)
+    out["loss"] = float((total[0] - want_sum).abs() / want_sum.abs())
+    out["count"] = float(total[1] == want_count)
+    worst = 0.0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        worst = max(worst, float((g - q.grad).abs().max() / (q.grad.abs().max() + 1e-30)))
+    out["grads"] = worst
+    for net in (ref, model):
+        use_full_attention(net)
+    with torch.no_grad():  # plain evaluation, no sequence parallelism, after the Ulysses step
+        a = model(input_ids=batch["input_ids"]).logits
+        e = ref(input_ids=batch["input_ids"]).logits
+    out["plain_eval"] = float((a - e).abs().max() / e.abs().max())
+    out["kv_groups_kept"] = float(all(m.num_key_value_groups == 4 for m in model.modules() if hasattr(m, "layer_idx")))
+    return out
+
+
 def main() -> int:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "halo"
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    if mode == "ulysses":  # DeepSpeed's all-to-all goes through deepspeed.comm
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     dims = ParallelDims(world=dist.get_world_size(), sp=dist.get_world_size(), rank=dist.get_rank()).build()
     results = {}
-    for case in CASES:
+    for case in ULYSSES_CASES if mode == "ulysses" else CASES:
         if case[4] % dims.sp:
             continue
         stats = HaloStats()
-        name, errs = run_case(case, dims, stats)
+        name, errs = run_case(case, dims, stats, mode)
         results[name] = {**errs, "bytes_fwd": stats.forward_bytes, "bytes_bwd": stats.backward_bytes}
+    if mode == "ulysses":
+        results["model"] = run_model(dims)
     print("RESULT " + json.dumps({"rank": dims.rank, "results": results}))
     dist.barrier()
     dist.destroy_process_group()

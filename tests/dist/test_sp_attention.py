@@ -1,8 +1,13 @@
-"""Sequence-parallel S²-Attn (halo exchange over gloo) equals single-process attention, 2 and 4 ranks.
+"""Sequence-parallel S²-Attn and full attention equal single-process attention, 2 and 4 ranks over gloo.
 
-Outputs and dq, dk, dv of every rank's slice, fp32, relative to the largest reference value:
-L ≥ G and L < G (groups over 2 and 3 ranks), N not a multiple of G, GQA 9/3, MQA, odd head count,
-documents anywhere (at a rank boundary, inside a halo), left/right padding, full attention.
+Outputs and dq, dk, dv of every rank's slice, fp32, relative to the largest reference value.
+Halo exchange: L ≥ G and L < G (groups over 2 and 3 ranks), N not a multiple of G, GQA 9/3, MQA, odd
+head count, documents anywhere (at a rank boundary, inside a halo), left/right padding, full attention.
+Ulysses (DeepSpeed's all-to-all around megalong's kernel; the shifted half by the global head index):
+MHA, KV heads ≥ sp and < sp (DeepSpeed repeats them; the module's ``num_key_value_groups`` must come
+back unchanged), MQA, L < G, documents, padding, full attention; and a tiny MQA Llama: one Ulysses
+training step (token-loss sum and every gradient summed over the group equal one process over the whole
+row, packed documents with restarting positions), then a plain evaluation without sequence parallelism.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ pytestmark = pytest.mark.dist
 TOL = 1e-5
 
 
-def _spawn(world: int, tmp_path) -> list[dict]:
+def _spawn(world: int, tmp_path, mode: str = "halo") -> list[dict]:
     for _attempt in range(3):
         port = free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "tests.dist.sp_attention_worker"], cwd=REPO,
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.dist.sp_attention_worker", mode], cwd=REPO,
                                   env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for r in range(world)]
         outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -44,8 +49,23 @@ def test_halo_attention_equals_single_process(world, tmp_path):
                 assert res[key] <= TOL, (world, rank["rank"], name, key, res[key])
     # rank 0 never receives; the L = 2G case moves exactly the shifted half's G/2 keys and values
     first = {r["rank"]: r["results"]["L=2G"] for r in ranks}
-    n, g, hk, d = 64, 8, 2, 16
+    g, hk, d = 8, 2, 16
     per_boundary = 2 * (g // 2) * (hk // 2) * d * 4  # K and V, G/2 tokens, the shifted half's kv heads, fp32
     assert first[world - 1]["bytes_fwd"] == 0  # the last rank sends to nobody
     assert all(first[r]["bytes_fwd"] == per_boundary for r in range(world - 1)), first
     assert first[0]["bytes_bwd"] == 0 and all(first[r]["bytes_bwd"] == per_boundary for r in range(1, world))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_attention_equals_single_process(world, tmp_path):
+    ranks = _spawn(world, tmp_path, "ulysses")
+    names = set(ranks[0]["results"])
+    assert len(names) == 7, names
+    for rank in ranks:
+        model = rank["results"].pop("model")  # a tiny MQA Llama: one training step, then plain evaluation
+        assert model["count"] == 1.0 and model["kv_groups_kept"] == 1.0, model
+        assert max(model["loss"], model["grads"], model["plain_eval"]) <= TOL, (world, rank["rank"], model)
+        for name, res in rank["results"].items():
+            for key in ("out", "dq", "dk", "dv"):
+                assert res[key] <= TOL, (world, rank["rank"], name, key, res[key])
+            assert res["kv_groups_kept"] == 1.0, (world, rank["rank"], name)

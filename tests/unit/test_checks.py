@@ -85,11 +85,10 @@ BROKEN = {
     "sliding_window": ("tiny_cpu", 2, ["--model.name_or_path={mistral}", "--attention.group_size=128"],
                        "set attention.group_size <= 64"),
     "sp_world": ("llama2_7b_100k", 8, ["--parallel.sp=3"], "does not divide the world size 8"),
-    "sp_mode_not_built": ("llama2_7b_100k", 8, ["--parallel.sp=2", "--parallel.sp_mode=ulysses"], "not built yet"),
     "sp_length": ("tiny_cpu", 2, ["--parallel.sp=2", "--data.max_seq_len=1023", "--attention.group_size=254"],
                   "does not divide data.max_seq_len=1023"),
-    "ulysses_heads": ("tiny_cpu", 4, ["--parallel.sp=4", "--parallel.sp_mode=ulysses"],
-                      "does not divide the 2 KV heads"),
+    "ulysses_heads": ("tiny_cpu", 8, ["--parallel.sp=8", "--parallel.sp_mode=ulysses"],
+                      "does not divide the 4 attention heads"),
     "vocab": ("tiny_base_cpu", 2, ["--model.init_config.vocab_size=100"], "smaller than"),
     "template": ("tiny_cpu", 2, ["--zero.template=no_such.json"], "not found"),
 }
