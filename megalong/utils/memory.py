@@ -69,7 +69,8 @@ Ulysses (``sp_mode=ulysses``, DeepSpeed's UlyssesSPAttentionHF): after the all-t
 attention on the whole row N with H/sp query heads, and max(kv_heads, sp)/sp KV heads (with fewer KV heads
 than ranks DeepSpeed repeats each to one head per rank); everything else works on L = N/sp tokens. Per
 local token that is q and output w·q as before, K/V 2w·max(kv_heads, sp)·head_dim, plus o_proj's input, a
-second w·q copy that comes back through the all-to-all; its backward adds the all-to-all copies of dq, dk, dv.
+second w·q copy that comes back through the all-to-all; in its backward the row's dq, dk, dv go back
+through the all-to-all one at a time (a contiguous send copy and a received tensor each).
 
 Loss: megalong never builds N×V logits. The chunked cross-entropy's backward (in place) holds a
 chunk of C tokens' matmul output, its fp32 copy turned into softmax − onehot and its w-byte cast,
@@ -478,7 +479,9 @@ def attention_workspace(i: MemoryInputs) -> float:
     if i.attention == "s2":
         per_token /= 2  # the two head-halves run one after the other
     if i.ulysses:
-        per_token += w * (2 * m.q_dim + 2 * kv)  # all-to-all send/receive copies of dq, dk, dv
+        # after the kernel: the row's dq, dk, dv (B, H/sp, N, D) go back through the all-to-all one at a
+        # time, each as a contiguous send copy and a received tensor; the kernel's workspace is gone by then
+        per_token = max(per_token, w * (m.q_dim + 2 * kv) + 2 * w * max(m.q_dim, kv))
     return float(per_token * t)
 
 
