@@ -1,4 +1,5 @@
-"""Sequence-parallel training through the real `deepspeed` launcher equals sp = 1.
+"""Sequence-parallel training through the real `deepspeed` launcher equals sp = 1, both sp modes
+(s2_halo: halo exchange; ulysses: DeepSpeed's all-to-all around megalong's kernels).
 
 sp = 2 × dp = 1 (2 ranks) and sp = 2 × dp = 2 (4 ranks), ZeRO-2 and ZeRO-3, against one process on
 the same global batches (4 rows of 128 tokens per step: 1 rank × micro 2 × accum 2, or 2 ranks of a
@@ -19,7 +20,15 @@ import pytest
 import torch
 import yaml
 
-from tests.assets import clean_shm, run_launcher, run_ranks, step_losses, step_metric, tiny_run_config, trained_weights
+from tests.assets import (
+    clean_shm,
+    run_launcher,
+    run_ranks,
+    step_losses,
+    step_metric,
+    tiny_run_config,
+    trained_weights,
+)
 from tests.dist.test_engine_parity import adam_trajectory_bound
 
 pytestmark = [pytest.mark.dist, pytest.mark.e2e]
@@ -47,9 +56,10 @@ def sp1(assets, tmp_path_factory):
     return root / "run"
 
 
-def _launch(assets, tmp_path, world: int, sp: int, stage: int, grad_accum: int, resume: bool = False):
+def _launch(assets, tmp_path, world: int, sp: int, stage: int, grad_accum: int, resume: bool = False,
+            mode: str = "s2_halo"):
     run = tmp_path / "run"
-    cfg = _cfg(assets, run, zero={"stage": stage}, parallel={"sp": sp},
+    cfg = _cfg(assets, run, zero={"stage": stage}, parallel={"sp": sp, "sp_mode": mode},
                train={**COMMON["train"], "grad_accum": grad_accum})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -82,15 +92,16 @@ def _assert_same_as_sp1(run, ref, cfg):
     assert max(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k) > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["s2_halo", "ulysses"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_sp2_dp1_equals_sp1(assets, tmp_path, sp1, stage):
-    run, cfg = _launch(assets, tmp_path, world=2, sp=2, stage=stage, grad_accum=2)
+def test_sp2_dp1_equals_sp1(assets, tmp_path, sp1, stage, mode):
+    run, cfg = _launch(assets, tmp_path, world=2, sp=2, stage=stage, grad_accum=2, mode=mode)
     _assert_same_as_sp1(run, sp1, cfg)
     from megalong.engine import checkpoint as ckpt
 
     meta = ckpt.read_meta(run / "checkpoints", "step_00000004")
     assert (meta["sp"], meta["dp"], meta["world_size"]) == (2, 1, 2)
-    if stage == 2:  # the same 2 ranks as sp = 1 × dp = 2 (same rows per step): another layout, continued
+    if stage == 2 and mode == "s2_halo":  # the same 2 ranks as sp = 1 × dp = 2 (same rows per step): another layout, continued
         shutil.rmtree(run / "checkpoints" / "step_00000004")  # back to step 2, through the universal checkpoint
         (run / "checkpoints" / "latest").write_text("step_00000002")
         (run / "metrics.jsonl").write_text("")
@@ -107,11 +118,12 @@ def test_sp2_dp1_equals_sp1(assets, tmp_path, sp1, stage):
         assert ckpt.read_meta(run / "checkpoints", "step_00000004")["sp"] == 1
 
 
+@pytest.mark.parametrize("mode", ["s2_halo", "ulysses"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_sp2_dp2_equals_sp1_and_resumes_exactly(assets, tmp_path, sp1, stage):
-    run, cfg = _launch(assets, tmp_path, world=4, sp=2, stage=stage, grad_accum=1)
+def test_sp2_dp2_equals_sp1_and_resumes_exactly(assets, tmp_path, sp1, stage, mode):
+    run, cfg = _launch(assets, tmp_path, world=4, sp=2, stage=stage, grad_accum=1, mode=mode)
     _assert_same_as_sp1(run, sp1, cfg)
-    if stage != 3:
+    if stage != 3 or mode != "s2_halo":
         return
     full, final = step_losses(run), trained_weights(run)
     shutil.rmtree(run / "checkpoints" / "step_00000004")
