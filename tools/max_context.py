@@ -6,7 +6,9 @@
 
 For each model (Llama-2-7B/13B/70B, Llama-3-8B), node (8×A100-80G, 8×H100-80G), sequence-parallel
 layout (LongLoRA's sp=1 — one row per GPU, dp=8 —, s2_halo sp=8, ulysses sp=8) and ALST feature set
-(tiled MLP, activation offload, both, neither), a binary search over N (multiples of sp, so every rank
+(none; tiled MLP; tiled MLP + activation offload as DeepSpeed 0.19.8 runs it, whose restored inputs stay
+on the GPU until the backward ends; and offload with and without tiling as it would be if each restored
+input were freed after its layer — ``MemoryInputs.offload_keeps_restored``), a binary search over N (multiples of sp, so every rank
 holds N/sp tokens; S²-Attn's G = N/4 rounded down to even needs nothing more) finds the largest N whose
 plan fits both the GPUs and the host (``megalong.utils.memory.estimate_memory``). The run is what
 megalong trains: LoRA+ (r=8 on q, k, v, o, embeddings and norms trained), S²-Attn, flash kernels,
@@ -39,8 +41,10 @@ MODELS = {"Llama-2-7B": "llama2-7b", "Llama-2-13B": "llama2-13b", "Llama-2-70B":
 # 8×A100 server's 1 TiB, a DGX H100's 2 TiB)
 NODES = {"8×A100-80G": (80.0, 1024.0), "8×H100-80G": (79.65, 2048.0)}
 LAYOUTS = [("s2_halo", 1), ("s2_halo", 8), ("ulysses", 8)]
-FEATURES = {"none": (False, False), "tiled MLP": (True, False), "act. offload": (False, True),
-            "tiled + offload": (True, True)}
+# (tiled MLP, activation offload, offloaded inputs stay cached on the GPU once restored as DeepSpeed 0.19.8 does)
+FEATURES = {"none": (False, False, True), "tiled MLP": (True, False, True),
+            "tiled + offload (DS 0.19.8)": (True, True, True), "offload, restored freed": (False, True, False),
+            "tiled + offload, restored freed": (True, True, False)}
 OFFLOADS = [("none", {}), ("optimizer", {"offload_optimizer": True}),
             ("optimizer + params", {"offload_optimizer": True, "offload_param": True})]
 SHORT = {"activations: checkpoints": "checkpoints", "activations: layers": "recomputed layer",
@@ -51,12 +55,13 @@ CAP = 1 << 27  # 134M tokens: no search goes past this
 
 
 def base_inputs(model: str, node: str, sp_mode: str = "s2_halo", sp: int = 1, tiled: bool = False,
-                offload_acts: bool = False, lora: bool = True, **over) -> MemoryInputs:
+                offload_acts: bool = False, keeps_restored: bool = True, lora: bool = True, **over) -> MemoryInputs:
     """The planner's inputs of one cell at a placeholder length (the search replaces seq_len)."""
     gpu_gb, host_gb = NODES[node]
     shape = ModelShape.known(model)
     i = MemoryInputs(shape, seq_len=sp, gpus_per_node=8, sp=sp, sp_mode=sp_mode, zero_stage=3,
                      activation_checkpointing="layer", offload_activations=offload_acts, tiled_mlp=tiled,
+                     offload_keeps_restored=keeps_restored,
                      attention="s2", attention_kernel="flash", dtype="bf16", lora=lora,
                      gpu_memory_gb=gpu_gb, host_memory_gb=host_gb, **over)
     return replace(i, counts=i.param_counts())  # count once: the search evaluates many lengths
@@ -125,8 +130,8 @@ def model_offload(model: str, gain: float, lora: bool = True) -> tuple[str, dict
 
 def run_cell(model: str, node: str, sp_mode: str, sp: int, features: str, offload: tuple[str, dict],
              lora: bool = True) -> Cell:
-    tiled, acts = FEATURES[features]
-    base = base_inputs(MODELS.get(model, model), node, sp_mode, sp, tiled, acts, lora=lora, **offload[1])
+    tiled, acts, keeps = FEATURES[features]
+    base = base_inputs(MODELS.get(model, model), node, sp_mode, sp, tiled, acts, keeps, lora=lora, **offload[1])
     n = search(base)
     layout = "LongLoRA (sp=1)" if sp == 1 else f"{sp_mode} sp={sp}"
     if n is None:
@@ -161,31 +166,35 @@ REFERENCES = [  # (source, model, node, sp_mode, sp, features, LoRA+, published 
     ("LongLoRA", "Llama-2-7B", "8×A100-80G", "s2_halo", 1, "none", True, 100_000),
     ("LongLoRA", "Llama-2-13B", "8×A100-80G", "s2_halo", 1, "none", True, 65_536),
     ("LongLoRA", "Llama-2-70B", "8×A100-80G", "s2_halo", 1, "none", True, 32_768),
-    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload", True, 3_700_000),
-    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload", False, 3_700_000),
+    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload (DS 0.19.8)", True, 3_700_000),
+    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload, restored freed", True, 3_700_000),
+    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload, restored freed", False, 3_700_000),
 ]
 
 
 def references(gain: float) -> tuple[str, list[dict]]:
     lines = ["| reference | model | node | megalong layout | trains | published N | planner: longest N | "
-             "planner at the published N: GPU GiB, host GiB/node | binds at the planner's limit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "planner at the published N: GPU GiB, host GiB/node | binds at the planner's limit | "
+             "longest N without the 10 % fragmentation allowance | longest N with an unchunked loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for src, model, node, mode, sp, feats, lora, pub in REFERENCES:
         off = model_offload(MODELS[model], gain, lora)
         cell = run_cell(model, node, mode, sp, feats, off, lora=lora)
-        tiled, acts = FEATURES[feats]
-        at = estimate_memory(replace(base_inputs(MODELS[model], node, mode, sp, tiled, acts, lora=lora, **off[1]),
-                                     seq_len=pub - pub % sp))
+        base = base_inputs(MODELS[model], node, mode, sp, *FEATURES[feats], lora=lora, **off[1])
+        at = estimate_memory(replace(base, seq_len=pub - pub % sp))
+        # the planner's allowances that no measurement has fixed on a GPU: 10 % fragmentation
+        lean = search(replace(base, fragmentation=0.0))
+        unchunked = search(replace(base, loss_chunk=CAP))  # one N-token loss chunk: N x V logits at once
         trains = ("LoRA+" if lora else "all weights") + ("" if off[0] == "none" else f", {off[0]} offload")
         layout = f"{mode} sp={sp}" + ("" if feats == "none" else f", {feats}")
         lines.append(f"| {src} | {model} | {node} | {layout} | {trains} | {pub:,} | {cell.n:,} | "
                      f"{at.gpu_peak / GiB:.1f}, {max(at.host_per_node, at.host_load_peak) / GiB:.0f} "
-                     f"({'fits' if at.fits else 'does not fit'}) | {cell.binds} |")
+                     f"({'fits' if at.fits else 'does not fit'}) | {cell.binds} | {lean:,} | {unchunked:,} |")
         out.append({"source": src, "model": model, "node": node, "layout": layout, "trains": trains,
                     "published": pub, "planner_max": cell.n, "gpu_gib_at_published": round(at.gpu_peak / GiB, 2),
                     "host_gib_at_published": round(at.host_per_node / GiB, 1), "fits_at_published": at.fits,
-                    "binds": cell.binds})
+                    "binds": cell.binds, "planner_max_no_fragmentation": lean, "planner_max_unchunked_loss": unchunked})
     return "\n".join(lines), out
 
 

@@ -63,7 +63,11 @@ ALST's features (DeepSpeed 0.19.8, ``train.tiled_mlp`` / ``train.offload_activat
                         one tile's saved MLP tensors and their gradients (C·(3w·I + ... + 2..3w·I))
     activation offload  CheckpointHiddenStatesOffload moves each checkpointed layer input to pinned host
                         memory: the GPU keeps the newest one and two copies in flight (3w·h·T), the host
-                        (layers − 1)·w·h·T per rank. On CPU it offloads nothing (a pass-through).
+                        (layers − 1)·w·h·T per rank. But 0.19.8 caches every input it restores until its
+                        context exits, after the backward: by the first layer's backward all layers' inputs
+                        are on the GPU again, so the GPU peak equals the one without offload
+                        (``offload_keeps_restored``, default True; False plans an offload that frees them).
+                        On CPU it offloads nothing (a pass-through).
 
 Ulysses (``sp_mode=ulysses``, DeepSpeed's UlyssesSPAttentionHF): after the all-to-all each rank runs the
 attention on the whole row N with H/sp query heads, and max(kv_heads, sp)/sp KV heads (with fewer KV heads
@@ -154,6 +158,11 @@ class MemoryInputs:
     """ALST's checkpoint offload (DeepSpeed's ``CheckpointHiddenStatesOffload``, ``train.offload_activations``):
     the kept layer inputs live in host memory; the GPU keeps the newest one and two copies in flight.
     A pass-through on CPU (DeepSpeed offloads nothing from a CPU device)."""
+    offload_keeps_restored: bool = True
+    """DeepSpeed 0.19.8's ``CheckpointHiddenStatesOffload`` unpacks with ``cache=True``: every input it brings
+    back stays referenced until the context exits, and forward and backward run inside it, so by the backward
+    of the first layer all of them are on the GPU again (the GPU peak is not lowered; the host still holds
+    the copies). ``False`` plans an offload that frees each restored input after its layer's backward."""
     tiled_mlp: bool = False
     """DeepSpeed's ``TiledMLP`` (``train.tiled_mlp``): each MLP runs in sequence tiles; it saves only its
     input, and its (tokens, intermediate) tensors exist for one tile at a time (recomputed in backward)."""
@@ -582,11 +591,14 @@ def _activation_terms(i: MemoryInputs, c: ParamCounts) -> list[Term]:
                          note="layer inputs on the host; the GPU holds the copies in flight")
         elif i.offload_activations and i.accelerator == "cuda":
             # CheckpointHiddenStatesOffload (0.19.8 defaults): keep_last_count=1 input stays on the GPU and
-            # max_fwd_stash_count=2 offloaded ones keep their GPU copy until restored
-            on_gpu = min(m.layers, 3)
+            # max_fwd_stash_count=2 offloaded ones keep their GPU copy until restored; restored ones stay
+            # cached on the GPU until the context exits unless that is changed (offload_keeps_restored)
+            on_gpu = m.layers if i.offload_keeps_restored else min(m.layers, 3)
+            why = ("all restored by the first layer's backward and kept (DeepSpeed's unpack cache)"
+                   if i.offload_keeps_restored else "newest + 2 in flight")
             ckpts = Term("activations: checkpoints", on_gpu * w * m.hidden * t, (m.layers - 1) * w * m.hidden * t,
                          phase="backward", note=f"offloaded: {m.layers - 1} layer inputs on the host, "
-                                                f"{on_gpu} on the GPU (newest + 2 in flight)")
+                                                f"{on_gpu} on the GPU ({why})")
         else:
             ckpts = Term("activations: checkpoints", kept_inputs, phase="backward", note="each layer's input")
     other = Term("activations: other", other_activations(i), phase="backward", note="rope, final norm, ids")
@@ -667,6 +679,9 @@ def _notes(i: MemoryInputs, c: ParamCounts) -> list[str]:
         notes.append("with flash/SDPA kernels S²-Attn saves compute, not memory (attention memory is O(N) either way)")
     if i.tiled_mlp:
         notes.append("tiled MLP: one tile (the plain MLP)" if not i.mlp_tiled else f"tiled MLP: {i.mlp_shards} tiles of {i.mlp_tile_tokens} tokens; the MLP saves only its input")
+    if i.offload_activations and i.accelerator == "cuda" and i.offload_keeps_restored:
+        notes.append("offload_activations: DeepSpeed 0.19.8 keeps every restored layer input on the GPU until the "
+                     "backward ends, so the GPU peak is not lowered (only host memory grows)")
     if i.offload_activations and i.accelerator == "cpu":
         notes.append("offload_activations is a pass-through on CPU (DeepSpeed offloads nothing from a CPU device)")
     if i.zero_stage == 3 and i.uses_zero_init and i.lora:

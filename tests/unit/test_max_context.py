@@ -24,7 +24,7 @@ def _tool():
 def test_bound_fits_and_the_next_step_does_not():
     mc = _tool()
     for sp_mode, sp, tiled, acts in (("s2_halo", 1, False, False), ("ulysses", 8, True, True)):
-        base = mc.base_inputs("llama2-7b", "8×A100-80G", sp_mode, sp, tiled, acts)
+        base = mc.base_inputs("llama2-7b", "8×A100-80G", sp_mode, sp, tiled, acts, keeps_restored=False)
         n = mc.search(base)
         assert n % sp == 0
         assert estimate_memory(replace(base, seq_len=n)).fits

@@ -416,7 +416,11 @@ def test_tiled_mlp_saves_only_its_input_and_one_tile_of_gradients():
 def test_activation_offload_moves_all_but_three_layer_inputs_to_the_host():
     shape = ModelShape.known("llama2-7b")  # 32 layers, h = 4096, bf16
     base = MemoryInputs(shape, 32768, fragmentation=0.0)
-    off = replace(base, offload_activations=True)
+    # DeepSpeed 0.19.8 as shipped: the restored inputs stay cached on the GPU: the peak does not move
+    cached = estimate_memory(replace(base, offload_activations=True))
+    assert cached.gpu_peak == estimate_memory(base).gpu_peak
+    assert cached.term("activations: checkpoints").host == 31 * 2 * 4096 * 32768
+    off = replace(base, offload_activations=True, offload_keeps_restored=False)
     a, b = estimate_memory(base), estimate_memory(off)
     per_layer = 2 * 4096 * 32768  # w·h·T, one layer input
     assert a.term("activations: checkpoints").gpu == 32 * per_layer
@@ -470,3 +474,23 @@ def test_dry_run_wires_tiling_and_offload():
         "--train.offload_activations=true", "--train.micro_batch_size=1"])
     i = dry_run(cfg, gpus_per_node=8).estimate.inputs
     assert i.tiled_mlp and i.tiled_mlp_shards == 4 and i.offload_activations and i.activation_checkpointing == "layer"
+
+
+def test_deepspeed_offload_keeps_every_restored_input_until_the_context_exits():
+    """What ``offload_keeps_restored=True`` stands for, on DeepSpeed's own offload engine (forced to offload
+    on CPU): after the backward every layer input it restored is still referenced by it."""
+    from deepspeed.runtime.activation_checkpointing.offload_activations import CheckpointHiddenStatesOffload
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64)
+    model = LlamaForCausalLM(cfg).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ctx = CheckpointHiddenStatesOffload(use_pin_memory=False, use_streams=False, min_offload_bytes=0)
+    ctx._should_skip = lambda tensor: False  # offload from the CPU "device" as it would from a GPU
+    ids = torch.randint(0, 64, (1, 32))
+    with ctx:
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert ctx.stats.offloaded_tensors == 3 and ctx.stats.kept_last_tensors == 1
+        assert len(ctx._restored) == 4  # all four layer inputs, held until __exit__
