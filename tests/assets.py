@@ -169,13 +169,12 @@ def launcher_env() -> dict:
 
 
 def run_launcher(launcher_args: list[str], script_args: list[str], timeout: float = 300,
-                 env: dict | None = None) -> subprocess.CompletedProcess:
-    """``deepspeed <launcher_args> --master_port P launch/pretrain_extend.py <script_args>`` from the repo
-    root; picks a new port and retries when the one picked was taken before rank 0 could bind it."""
+                 env: dict | None = None, script: str = "launch/pretrain_extend.py") -> subprocess.CompletedProcess:
+    """``deepspeed <launcher_args> --master_port P <script> <script_args>`` from the repo root; picks a
+    new port and retries when the one picked was taken before rank 0 could bind it."""
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     for _attempt in range(3):
-        cmd = [deepspeed, *launcher_args, "--master_port", str(free_port()), "launch/pretrain_extend.py",
-               *script_args]
+        cmd = [deepspeed, *launcher_args, "--master_port", str(free_port()), script, *script_args]
         res = subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
                              timeout=timeout)
         clean_shm()

@@ -6,6 +6,10 @@
 
 The key is a random 5-digit integer; the model decodes greedily as many tokens as the answer
 has (plus one, for a word-boundary piece); the first number in the decoded text must equal the key. Accuracy per length (and per depth).
+
+Under sequence parallelism (``parallel``) each prompt is split over the group's ranks and every
+answer token re-runs the sharded forward (``megalong.eval.sp``): plain greedy argmax, stopping after
+an EOS as ``generate`` does; every rank draws the same trials and gets the same answers.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class PasskeyTrial:
     answer: str
     prompt_tokens: int
     correct: bool
+    answer_ids: list[int] = field(default_factory=list)
+    """The greedy tokens ``answer`` decodes from."""
 
 
 @dataclass
@@ -67,13 +73,26 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     return head + filler * before + key_ids + filler * (n_fill - before) + tail
 
 
+def eos_ids(model) -> tuple[int, ...]:
+    """The token ids that end greedy generation (the model's generation config, else its config)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
 @torch.no_grad()
-def greedy_answer(model, prompt: list[int], n_tokens: int, device: torch.device) -> list[int]:
-    """``n_tokens`` greedy tokens after ``prompt``.
+def greedy_answer(model, prompt: list[int], n_tokens: int, device: torch.device, parallel=None) -> list[int]:
+    """``n_tokens`` greedy tokens after ``prompt`` (``parallel``: split over a sequence-parallel group).
 
     Memory: ``generate`` asks the model for the last position's logits only (``logits_to_keep=1``,
     for Llama, Mistral and Qwen2), so a long prompt never holds (prompt × vocab) logits; a unit test
     checks the lm_head's output shapes."""
+    if parallel is not None:
+        return parallel.greedy(model, prompt, n_tokens, device, eos_ids(model))
     x = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens,
                          do_sample=False, num_beams=1, pad_token_id=getattr(model.config, "eos_token_id", 0))
@@ -91,10 +110,12 @@ def run_passkey(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    parallel=None,
 ) -> PasskeyReport:
     """``trials`` per length at uniformly random depths, or per (length, depth) when ``depths`` is given.
 
-    ``progress``: report trials done (a bar on a terminal, else a line at least every 20 s)."""
+    ``progress``: report trials done (a bar on a terminal, else a line at least every 20 s).
+    ``parallel``: a ``megalong.eval.sp.SequenceParallelEval``; every rank of its group calls this alike."""
     from megalong.utils.progress import Progress
 
     rng = random.Random(seed)
@@ -109,10 +130,11 @@ def run_passkey(
             key = rng.randint(10000, 50000)
             n_answer = len(encode(str(key))) + 1  # +1: a tokenizer may emit a word-boundary piece first
             prompt = build_prompt(encode, length - n_answer, depth, key)  # prompt + answer fit in `length`
-            answer = decode(greedy_answer(model, prompt, n_answer, device))
+            answer_ids = greedy_answer(model, prompt, n_answer, device, parallel)
+            answer = decode(answer_ids)
             found = re.search(r"\d+", answer)
             correct = found is not None and found.group() == str(key)
-            report.trials.append(PasskeyTrial(length, depth, key, answer, len(prompt), correct))
+            report.trials.append(PasskeyTrial(length, depth, key, answer, len(prompt), correct, answer_ids))
             done = [t.correct for t in report.trials if t.length == length]
             bar.update(1, length=length, accuracy=sum(done) / len(done))
     bar.close()

@@ -22,6 +22,10 @@ Both report the tokens and windows they used, and how much of the scored text ha
 Scoring never holds (tokens × vocab) logits: the decoder body gives hidden states and the lm_head
 runs chunk by chunk (``megalong.engine.loss.chunked_token_losses``, the trainer's chunking).
 ``loss_chunk_size=0`` is the plain ``model(x).logits`` path, kept as the reference.
+
+Under sequence parallelism (``parallel``: a ``megalong.eval.sp.SequenceParallelEval``) every rank of
+the group reads the same windows; each window is split over the ranks, each scores its slice, and
+the gathered per-token losses are those of one process, so the protocols above are unchanged.
 """
 
 from __future__ import annotations
@@ -92,11 +96,14 @@ def check_plain_lm_head(model) -> None:
 
 
 @torch.no_grad()
-def token_losses(model, x: torch.Tensor, loss_chunk_size: int = 1024) -> torch.Tensor:
+def token_losses(model, x: torch.Tensor, loss_chunk_size: int = 1024, parallel=None) -> torch.Tensor:
     """Next-token losses (b, n) fp32 of windows ``x`` (b, n + 1).
 
     ``loss_chunk_size`` > 0: decoder body + chunked lm_head (plain HF or peft-wrapped models);
-    0: full ``model(x).logits`` (b, n, V), the reference."""
+    0: full ``model(x).logits`` (b, n, V), the reference. ``parallel``: split each window over a
+    sequence-parallel group (``SequenceParallelEval``); every rank gets the whole (b, n)."""
+    if parallel is not None:
+        return parallel.token_losses(model, x, loss_chunk_size)
     inputs, labels = x[:, :-1], x[:, 1:]  # (b, n), (b, n)
     if loss_chunk_size == 0:
         logits = model(input_ids=inputs, use_cache=False).logits.float()  # (b, n, V)
@@ -111,7 +118,7 @@ def token_losses(model, x: torch.Tensor, loss_chunk_size: int = 1024) -> torch.T
 
 
 def window_losses(model, windows: list[np.ndarray], device: torch.device, batch_size: int = 1,
-                  loss_chunk_size: int = 1024) -> Iterator[tuple[float, int]]:
+                  loss_chunk_size: int = 1024, parallel=None) -> Iterator[tuple[float, int]]:
     """(sum of token losses, token count) per window, batching windows of equal length."""
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
@@ -121,7 +128,7 @@ def window_losses(model, windows: list[np.ndarray], device: torch.device, batch_
         results: dict[int, tuple[float, int]] = {}
         for _, idxs in by_len.items():
             x = torch.as_tensor(np.stack([group[j] for j in idxs]).astype(np.int64), device=device)
-            loss = token_losses(model, x, loss_chunk_size)  # (b, n)
+            loss = token_losses(model, x, loss_chunk_size, parallel)  # (b, n)
             for k, j in enumerate(idxs):
                 results[j] = (float(loss[k].sum()), int(loss.shape[1]))
         for j in range(len(group)):
@@ -141,18 +148,24 @@ def evaluate_perplexity(
     loss_chunk_size: int = 1024,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    parallel=None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` (an HF causal LM in eval mode, or its peft wrapper) over token documents.
 
     ``min_doc_len``: score only documents of at least this many tokens (``seq_len + 1``: only
     documents that fill a window). ``loss_chunk_size``: tokens per lm_head chunk (0: full logits).
-    ``progress``: report windows scored (a bar on a terminal, else a line at least every 20 s)."""
+    ``progress``: report windows scored (a bar on a terminal, else a line at least every 20 s).
+    ``parallel``: a ``megalong.eval.sp.SequenceParallelEval`` to split every window over its ranks
+    (all of them call this with the same documents; each gets the same result)."""
     from megalong.utils.progress import Progress
 
     if protocol not in ("longlora", "standard"):
         raise ValueError(f"protocol={protocol!r}: use 'longlora' or 'standard'")
     if loss_chunk_size < 0:
         raise ValueError(f"loss_chunk_size={loss_chunk_size}: use a positive chunk size, or 0 for full logits")
+    if parallel is not None and loss_chunk_size == 0:
+        raise ValueError("loss_chunk_size=0 (full logits) is not built for sequence parallelism; pass a positive "
+                         "--loss-chunk-size (the chunked lm_head gives the same scores)")
     if loss_chunk_size:
         check_plain_lm_head(model)
     windows: list[np.ndarray] = []
@@ -181,7 +194,7 @@ def evaluate_perplexity(
     long_tokens = sum(long_context_count(len(w) - 1, seq_len) for w in windows)
     bar = Progress(len(windows), f"ppl@{seq_len}", every=max(1, len(windows) // 10), enabled=progress,
                    unit="window")
-    for s, c in window_losses(model, windows, device, batch_size, loss_chunk_size):
+    for s, c in window_losses(model, windows, device, batch_size, loss_chunk_size, parallel):
         total += s
         count += c
         window_means.append(s / c)

@@ -1,0 +1,246 @@
+"""Evaluation under sequence parallelism: one window spread over the ranks of a sequence-parallel group.
+
+    window x (b, n + 1) ─► inputs x[:, :-1], labels x[:, 1:]        (b, n): shifted before the split
+    pad both to n' = ⌈n / sp⌉ · sp at the END (labels -100)          causal: no real token sees a pad
+    rank r keeps tokens [r·L, (r+1)·L), L = n' / sp, global positions  (megalong.parallel.sharding)
+      └─ decoder(sp_context) ─► hidden (b, L, d) ─► chunked lm_head ─► losses (b, L)
+    all_gather over the sp group ─► (b, n') ─► drop the pads ─► (b, n): the tokens sp = 1 scores
+
+Greedy decoding (passkey) re-runs the sharded forward over prompt + answer-so-far for every new
+token (answers are a few tokens; no KV cache): the rank holding the last real token computes that
+one position's logits (1, V), takes the argmax and broadcasts it to the group.
+
+The attention layers must be megalong's (``megalong_full`` / ``megalong_s2``): stock ``sdpa`` would
+ignore ``sp_context`` and attend inside each rank's slice only; ``check_model`` refuses that.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megalong.config.schema import ConfigError
+
+SP_MODES = ("s2_halo", "ulysses")
+IGNORE_INDEX = -100
+PAD_TOKEN = 0
+"""Input id of the padding after a window (never attended by a real token, its loss is dropped)."""
+
+
+# ----------------------------------------------------------------------------------- pure helpers
+def padded_length(n: int, sp: int) -> int:
+    """The smallest multiple of ``sp`` that holds ``n`` tokens."""
+    return -(-n // sp) * sp
+
+
+def owner_of(index: int, local_len: int) -> tuple[int, int]:
+    """(sp rank, index inside its slice) of row position ``index`` when each rank holds ``local_len``."""
+    return divmod(index, local_len)
+
+
+def merge_rank_losses(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Per-rank token losses [(b, L)] * sp in rank order -> the row's (b, n), padding dropped."""
+    if not parts:
+        raise ValueError("merge_rank_losses needs the losses of at least one rank")
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"ranks hold slices of different lengths {sorted(widths)}; every rank must hold L tokens")
+    full = torch.cat(parts, dim=1)  # (b, sp·L)
+    if n > full.shape[1]:
+        raise ValueError(f"n={n} tokens requested from {full.shape[1]} gathered ones")
+    return full[:, :n]
+
+
+def pad_window(inputs: torch.Tensor, labels: torch.Tensor, sp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels (b, n) padded at the end to a multiple of ``sp``: pad id 0, label -100."""
+    n = inputs.shape[1]
+    extra = padded_length(n, sp) - n
+    if not extra:
+        return inputs, labels
+    return F.pad(inputs, (0, extra), value=PAD_TOKEN), F.pad(labels, (0, extra), value=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------- the evaluator
+@dataclass
+class SequenceParallelEval:
+    """Scores windows and decodes greedily with each row split over ``dims``' sequence-parallel group.
+
+    Every rank of the group must call the same methods with the same inputs, in the same order.
+
+    Attributes:
+        dims: the built ParallelDims (world = sp; one sequence-parallel group).
+        sp_mode: ``s2_halo`` or ``ulysses`` (the attention context ``shard_batch`` builds).
+    """
+
+    dims: object
+    sp_mode: str = "s2_halo"
+
+    def __post_init__(self) -> None:
+        if self.sp_mode not in SP_MODES:
+            raise ConfigError(f"--sp-mode {self.sp_mode!r} is not one of {', '.join(SP_MODES)}")
+
+    @property
+    def sp(self) -> int:
+        return self.dims.sp
+
+    @property
+    def group(self):
+        return self.dims.groups["sp"]
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose attention would ignore ``sp_context`` (scores would be silently wrong)."""
+        from megalong.attention import FULL_IMPLEMENTATION, S2_IMPLEMENTATION, unwrap_model
+
+        impl = getattr(unwrap_model(model).config, "_attn_implementation", None)
+        if impl not in (FULL_IMPLEMENTATION, S2_IMPLEMENTATION):
+            raise ConfigError(f"sequence-parallel evaluation needs megalong's attention, the model runs {impl!r}; "
+                              "call megalong.attention.use_full_attention(model) (or use_s2_attention) first")
+
+    def _shard(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict:
+        """This rank's part of padded (b, n') inputs/labels with global positions and ``sp_context``."""
+        b, n = inputs.shape
+        positions = torch.arange(n, device=inputs.device).expand(b, n)
+        from megalong.parallel.sharding import shard_batch
+
+        return shard_batch({"input_ids": inputs, "labels": labels, "position_ids": positions}, self.dims,
+                           doc_mask=False, sp_mode=self.sp_mode)
+
+    def _hidden(self, model, part: dict) -> torch.Tensor:
+        """This rank's last hidden states (b, L, d)."""
+        from megalong.models.loading import decoder_of
+
+        return decoder_of(model)(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=False,
+                                 sp_context=part["sp_context"]).last_hidden_state
+
+    def _gather(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """``local`` of every rank of the group, in rank order."""
+        parts = [torch.empty_like(local) for _ in range(self.sp)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return parts
+
+    @torch.no_grad()
+    def token_losses(self, model, x: torch.Tensor, loss_chunk_size: int = 1024) -> torch.Tensor:
+        """Next-token losses (b, n) fp32 of windows ``x`` (b, n + 1), the same on every rank of the group."""
+        from megalong.engine.loss import chunked_token_losses
+        from megalong.models.loading import lm_head_of
+
+        if loss_chunk_size < 1:
+            raise ConfigError(f"loss_chunk_size={loss_chunk_size}: sequence-parallel scoring uses the chunked "
+                              "lm_head; pass a positive --loss-chunk-size (the scores equal the full-logits ones)")
+        self.check_model(model)
+        inputs, labels = pad_window(x[:, :-1], x[:, 1:], self.sp)  # (b, n'), n' = sp·L
+        part = self._shard(inputs, labels)
+        hidden = self._hidden(model, part)  # (b, L, d)
+        head = lm_head_of(model)
+        local = chunked_token_losses(hidden, head.weight, part["labels"], bias=getattr(head, "bias", None),
+                                     chunk_size=loss_chunk_size)  # (b, L), 0 at the padding
+        return merge_rank_losses(self._gather(local.float()), x.shape[1] - 1)  # (b, n)
+
+    @torch.no_grad()
+    def greedy(self, model, prompt: list[int], n_tokens: int, device: torch.device,
+               eos_token_ids: tuple[int, ...] = ()) -> list[int]:
+        """Up to ``n_tokens`` greedy tokens after ``prompt`` (stops after an EOS, as ``generate`` does)."""
+        from megalong.models.loading import lm_head_of
+
+        self.check_model(model)
+        head = lm_head_of(model)
+        ids = list(prompt)
+        for _ in range(n_tokens):
+            n = len(ids)
+            x = torch.tensor([ids], device=device)  # (1, n)
+            inputs, labels = pad_window(x, x, self.sp)  # labels unused: only hidden states are needed
+            part = self._shard(inputs, labels)
+            hidden = self._hidden(model, part)  # (1, L, d)
+            owner, at = owner_of(n - 1, inputs.shape[1] // self.sp)
+            token = torch.zeros(1, dtype=torch.long, device=device)
+            if self.dims.sp_rank == owner:
+                token[0] = head(hidden[:, at]).argmax(dim=-1)[0]  # logits of one position: (1, V)
+            dist.broadcast(token, src=self.dims.sp_group_ranks()[owner], group=self.group)
+            ids.append(int(token))
+            if ids[-1] in eos_token_ids:
+                break
+        return ids[len(prompt):]
+
+
+# ----------------------------------------------------------------------------------- start-up
+def add_sp_arguments(p: argparse.ArgumentParser) -> None:
+    """The evaluation tools' --sp, --sp-mode, --timeout-s (and the launcher's --local_rank, unused)."""
+    p.add_argument("--sp", type=int, default=1,
+                   help="sequence-parallel degree: split every sequence over SP ranks; start SP processes with "
+                        "`deepspeed --num_gpus SP`")
+    p.add_argument("--sp-mode", choices=list(SP_MODES), default="s2_halo",
+                   help="sequence-parallel attention, as parallel.sp_mode")
+    p.add_argument("--timeout-s", type=int, default=300,
+                   help="process-group timeout under --sp: a hung rank fails after this long")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def start_eval_parallel(sp: int, sp_mode: str = "s2_halo", *, env: Mapping[str, str], device: str | None = None,
+                        timeout_s: int = 300, tool: str = "tools/eval_ppl.py"):
+    """(SequenceParallelEval or None, rank, device) for an evaluation tool.
+
+    Args:
+        sp: sequence-parallel degree; must equal the number of launched processes.
+        sp_mode: ``s2_halo`` or ``ulysses``.
+        env: the process environment (a launcher sets WORLD_SIZE, RANK, LOCAL_RANK).
+        device: an explicit device, else the accelerator's device for LOCAL_RANK (or the CPU).
+        timeout_s: process-group timeout (a hung peer fails after this long).
+        tool: the script, for messages.
+    """
+    from megalong.eval.loading import pick_device
+
+    launched = "WORLD_SIZE" in env
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if sp < 1:
+        raise ConfigError(f"--sp {sp} must be >= 1")
+    if sp_mode not in SP_MODES:
+        raise ConfigError(f"--sp-mode {sp_mode!r} is not one of {', '.join(SP_MODES)}")
+    if not launched:
+        if sp > 1:
+            raise ConfigError(f"--sp {sp} needs {sp} processes; start them with the launcher: "
+                              f"deepspeed --num_gpus {sp} {tool} ... --sp {sp}")
+        return None, 0, pick_device(device)
+    from deepspeed.accelerator import get_accelerator
+
+    from megalong.parallel.dims import ParallelDims, init_distributed
+
+    init_distributed(timeout_s)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != sp:
+        raise ConfigError(f"{world} processes were launched for --sp {sp}; evaluation runs one sequence-parallel "
+                          f"group: launch with --num_gpus {sp}, or pass --sp {world}")
+    dims = ParallelDims(world=world, sp=sp, rank=rank).build()
+    if device is None:
+        accel = get_accelerator()
+        if accel.device_name() == "cpu":
+            device = "cpu"
+        else:
+            accel.set_device(local_rank)
+            device = f"{accel.device_name()}:{local_rank}"
+    return (SequenceParallelEval(dims, sp_mode) if sp > 1 else None), rank, torch.device(device)
+
+
+def gather_peak_memory_gb() -> list[float]:
+    """Peak memory (GB: accelerator, else host RSS) of every rank in rank order; all ranks call it."""
+    from megalong.utils.metrics import peak_memory_gb
+
+    mine = torch.tensor([peak_memory_gb()], dtype=torch.float64)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [round(float(mine), 3)]
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [round(float(t), 3) for t in parts]
+
+
+def finish_eval_parallel(barrier: bool = True) -> None:
+    """Tear down the process group a launched evaluation started (no-op otherwise); ``barrier``: wait
+    for every rank first (not after an error, when a peer may never arrive)."""
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
