@@ -3,8 +3,8 @@ ever materialising the (tokens × vocab) logits.
 
     hidden (T, d) ──chunk──► h_c (C, d) @ Wᵀ ──► logits_c (C, V) fp32 ──► lse_c, loss_c
                                                    (freed before the next chunk)
-    backward: logits_c recomputed per chunk; softmax = exp(logits_c − lse_c);
-              dlogits = (softmax − onehot)·g ; dh_c = dlogits @ W ; dW += dlogitsᵀ @ h_c
+    with autograd, in the same pass: dlogits = softmax − onehot (in place in logits_c);
+              dh_c = dlogits @ W ; dW += dlogitsᵀ @ h_c          backward: (dh, dW) · g
 
 At 32k tokens and a 32k vocabulary, full fp32 logits are 4 GiB (plus as much again for their
 gradient); chunks of 1024 tokens need 128 MiB. The result is a *sum* over valid tokens and their
@@ -15,7 +15,7 @@ autograd (``chunked_token_losses``: per-token losses, for perplexity).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,14 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(h, weight, bias).float()  # (C, V) fp32
 
 
-def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                  chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+def _chunk_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk_size: int,
+    on_logits: Callable | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """(start, end, lse_c, loss_c) per chunk of ``chunk_size`` tokens; loss_c is 0 where the label is ignored.
 
     The one chunking loop: the training forward and the no-grad evaluation both run it.
+    ``on_logits(start, end, logits_c, lse_c)`` sees each chunk's logits last (it may overwrite them).
     """
     T = hidden.shape[0]  # hidden (T, d), labels (T,)
     for s in range(0, T, chunk_size):
@@ -41,52 +44,58 @@ def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         lab = labels[s:e]
         lse_c = torch.logsumexp(logits, dim=-1)
         target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+        if on_logits is not None:
+            on_logits(s, e, logits, lse_c)
         del logits  # one (C, V) buffer alive at a time
         yield s, e, lse_c, torch.where(lab != IGNORE_INDEX, lse_c - target, torch.zeros_like(lse_c))
 
 
 class _ChunkedCE(torch.autograd.Function):
+    """Forward computes the loss *and*, when autograd needs them, the gradients (the loss is a sum and
+    the last operation, so its incoming gradient is a scalar that only scales them): each chunk's
+    logits are built once, turned into dlogits in place, and freed. Backward multiplies by the scalar.
+    (Recomputing the logits in backward instead costs one more (N × d × V) matmul: ~25% of the loss
+    time on CPU, docs/BENCHMARKS.md "Tiled loss".)"""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_grad: bool):  # noqa: D102
         # hidden (T, d), weight (V, d), labels (T,)
-        T = hidden.shape[0]
-        lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = (with_grad and ctx.needs_input_grad[i] for i in range(3))
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+
+        def chunk_grads(s: int, e: int, logits: torch.Tensor, lse: torch.Tensor) -> None:
+            lab = labels[s:e]
+            # in place, one (C, V) buffer: softmax - onehot, 0 on ignored rows
+            dlogits = logits.sub_(lse.unsqueeze(1)).exp_()
+            dlogits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+            dlogits.mul_((lab != IGNORE_INDEX).to(dlogits.dtype).unsqueeze(1))
+            d = dlogits.to(hidden.dtype)
+            if need_h:
+                grad_h[s:e] = d @ weight
+            if need_w:
+                grad_w.add_((d.t() @ hidden[s:e]).float())
+            if need_b:
+                grad_b.add_(dlogits.sum(0))
+
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s, e, lse_c, loss_c in _chunk_losses(hidden, weight, bias, labels, chunk_size):
+        on_logits = chunk_grads if (need_h or need_w or need_b) else None
+        for _, _, _, loss_c in _chunk_losses(hidden, weight, bias, labels, chunk_size, on_logits):
             total += loss_c.sum()
-            lse[s:e] = lse_c
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk_size = chunk_size
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_total):  # noqa: D102
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        T = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for s in range(0, T, ctx.chunk_size):
-            e = min(T, s + ctx.chunk_size)
-            h = hidden[s:e]
-            logits = _chunk_logits(h, weight, bias)  # (C, V)
-            lab = labels[s:e]
-            # in place, one (C, V) buffer: softmax - onehot, scaled by the incoming gradient (0 if ignored)
-            dlogits = logits.sub_(lse[s:e].unsqueeze(1)).exp_()
-            dlogits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse[s:e], -1.0).unsqueeze(1))
-            row_scale = torch.where(lab != IGNORE_INDEX, grad_total.to(dlogits.dtype), torch.zeros_like(lse[s:e]))
-            dlogits.mul_(row_scale.unsqueeze(1))
-            d = dlogits.to(h.dtype)
-            if need_h:
-                grad_h[s:e] = d @ weight
-            if need_w:
-                grad_w += (d.t() @ h).float()
-            if need_b:
-                grad_b += dlogits.sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("chunked_cross_entropy: backward ran twice through one forward (retain_graph); "
+                               "its gradients are computed in forward and handed out once")
+        ctx.grads = None  # scaled in place, handed out once
+        grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _flat_tokens(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +131,9 @@ def chunked_cross_entropy(
     """
     h, lab = _flat_tokens(hidden, labels, chunk_size)
     count = (lab != IGNORE_INDEX).sum()
-    return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size)), count
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size), with_grad), count
 
 
 @torch.no_grad()

@@ -78,3 +78,21 @@ def test_token_losses_equal_plain_per_token_cross_entropy_without_grad(chunk):
     assert out.shape == labels.shape and out.dtype == torch.float32 and not out.requires_grad
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(out[labels == -100]) == 0
+
+
+def test_gradients_come_from_the_forward_pass_once():
+    """The loss is the last operation: its gradients are computed in forward (no second logits
+    matmul) and scaled by the incoming scalar in backward; a second backward through the same graph
+    is refused instead of returning doubly scaled gradients; without autograd no gradient is built."""
+    h, w, labels = _inputs(1, 20, 8, 13)
+    loss, _ = chunked_cross_entropy(h, w, labels, chunk_size=6)
+    (0.5 * loss).backward(retain_graph=True)
+    ref, _ = plain_cross_entropy(torch.nn.functional.linear(h, w), labels)
+    r_h, r_w = torch.autograd.grad(0.5 * ref, [h, w])
+    torch.testing.assert_close(h.grad, r_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, r_w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    with torch.no_grad():
+        again, _ = chunked_cross_entropy(h, w, labels, chunk_size=6)
+    assert again.grad_fn is None and torch.equal(again, loss.detach())
