@@ -1,8 +1,9 @@
 """train.tiled_mlp in 2-rank training (dp = 2, micro 2) equals the untiled run.
 
 LoRA on every projection (attention and MLP), so the tiles touch trainable weights and ZeRO must
-reduce their gradient once, after the last tile. One untiled reference (one process, ZeRO-2, micro 2
-× accumulation 2: the same 4 rows per step) against:
+reduce their gradient once, after the last tile; lm_head trainable too (the chunked loss hands out
+a dW computed in its forward, for the weight ZeRO-3 gathered then). One untiled reference (one
+process, ZeRO-2, micro 2 × accumulation 2: the same 4 rows per step) against:
 - ZeRO-2 through the real `deepspeed` launcher, tiled (auto: 256 rows / hidden 64 = 4 tiles), with
   DeepSpeed's activation checkpointing (the tiled MLP runs again inside its reentrant recompute);
 - ZeRO-3 as 2 ranks of the entry point, tiled (3 uneven tiles; the frozen MLP weights are gathered
@@ -26,7 +27,8 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def _cfg(assets, root, zero: int, **train) -> dict:
     return tiny_run_config(
-        assets, root / "run", zero={"stage": zero}, lora={"targets": ALL_PROJ},
+        assets, root / "run", zero={"stage": zero},
+        lora={"targets": ALL_PROJ, "trainable": ["embed", "norm", "lm_head"]},
         train={"max_steps": STEPS, "eval_interval": STEPS, **train},
         checkpoint={"save_interval": 0, "save_at_end": False},
     )
