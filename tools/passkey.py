@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from megalong.config import ConfigError
     from megalong.eval import run_passkey
     from megalong.eval.loading import load_model_and_tokenizer
-    from megalong.eval.passkey import plot_heatmap
+    from megalong.eval.passkey import plot_heatmap, unapplied_processors
     from megalong.eval.sp import finish_eval_parallel, start_eval_parallel
     from megalong.utils.logging import setup_logging
     from megalong.utils.optional import MissingOptional
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             from megalong.attention import use_full_attention
 
             use_full_attention(model)  # the registered attention that reads sp_context
+            if rank == 0 and unapplied_processors(model):
+                print(f"warning: --sp decodes by plain argmax; the model's generation_config sets "
+                      f"{', '.join(unapplied_processors(model))}, which --sp 1 (generate) applies and --sp "
+                      f"{args.sp} does not", file=sys.stderr)
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

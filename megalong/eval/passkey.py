@@ -84,6 +84,20 @@ def eos_ids(model) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
+_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+               "min_length": 0, "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
+               "forced_eos_token_id": None}
+
+
+def unapplied_processors(model) -> list[str]:
+    """Settings of the model's generation config that change ``generate``'s greedy tokens but that the
+    sequence-parallel argmax does not apply (empty for a plain config)."""
+    gen = getattr(model, "generation_config", None)
+    return [f"{k}={getattr(gen, k)!r}" for k, neutral in _PROCESSORS.items()
+            if getattr(gen, k, neutral) not in (neutral, None)]
+
+
 @torch.no_grad()
 def greedy_answer(model, prompt: list[int], n_tokens: int, device: torch.device, parallel=None) -> list[int]:
     """``n_tokens`` greedy tokens after ``prompt`` (``parallel``: split over a sequence-parallel group).

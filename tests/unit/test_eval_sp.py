@@ -93,3 +93,17 @@ def test_tools_refuse_sp_without_the_launcher(tmp_path, capsys, monkeypatch):
     assert "deepspeed --num_gpus 2 tools/eval_ppl.py ... --sp 2" in capsys.readouterr().err
     assert passkey.main(["--model", str(tmp_path), "--lengths", "64", "--sp", "4"]) == 2
     assert "deepspeed --num_gpus 4 tools/passkey.py ... --sp 4" in capsys.readouterr().err
+
+
+def test_settings_the_sp_argmax_does_not_apply_are_named():
+    from megalong.eval.passkey import eos_ids, unapplied_processors
+    from megalong.models import create_model
+    from tests.conftest import tiny_config
+
+    model = create_model(tiny_config("llama"))
+    assert unapplied_processors(model) == [] and eos_ids(model) == (model.generation_config.eos_token_id,)
+    model.generation_config.repetition_penalty = 1.2
+    model.generation_config.no_repeat_ngram_size = 3
+    assert unapplied_processors(model) == ["repetition_penalty=1.2", "no_repeat_ngram_size=3"]
+    model.generation_config.eos_token_id = [2, 7]
+    assert eos_ids(model) == (2, 7)
