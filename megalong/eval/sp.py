@@ -173,8 +173,10 @@ def add_sp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sp", type=int, default=1,
                    help="sequence-parallel degree: split every sequence over SP ranks; start SP processes with "
                         "`deepspeed --num_gpus SP`")
-    p.add_argument("--sp-mode", choices=list(SP_MODES), default="s2_halo",
-                   help="sequence-parallel attention, as parallel.sp_mode")
+    p.add_argument("--sp-mode", choices=list(SP_MODES), default="ulysses",
+                   help="sequence-parallel attention, as parallel.sp_mode; ulysses (default) needs the attention "
+                        "heads divisible by SP and the KV heads divisible by SP or SP by them; s2_halo has no head "
+                        "rule, but for full attention the last rank holds every earlier key")
     p.add_argument("--timeout-s", type=int, default=300,
                    help="process-group timeout under --sp: a hung rank fails after this long")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

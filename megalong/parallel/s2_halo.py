@@ -23,7 +23,8 @@ one (B, 2·h_kv, len, D) tensor per (owner, receiver) pair through ``batch_isend
 sp group's global ranks. Backward sends the halo's dK/dV back to their owners, who add them to
 their own. Rank 0 has no predecessor: no wrap-around, as at sp = 1. The attention itself is the
 plain kernel (``megalong.attention.s2_attention``) run on [halo ‖ local] keys with ``q_offset``.
-Full attention (evaluation) is the same exchange with chunks = documents.
+Full attention (evaluation) is the same exchange with chunks = documents (the halo can then be the whole
+prefix; the kernel still runs square and causal, with zero queries for the halo keys).
 """
 
 from __future__ import annotations
@@ -281,8 +282,14 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         keys = ctx.key_slice(plan, half)
         halo = plan.halo_len(half, ctx.rank)
         if group_size is None:
+            # Queries for the halo keys as zeros, computed and dropped (as s2_attention's q_offset does): the
+            # kernel then runs square and causal (documents chunked) instead of L queries over halo + L keys
+            # with a dense (L × (halo + L)) mask — the halo of full attention can be the whole prefix.
             seg = ctx.doc_ids[:, keys].to(query.device)
-            out = full_attention(query[:, q0:q1], k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale)
+            q = query[:, q0:q1]
+            if halo:
+                q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], halo, q.shape[3]), q], dim=2)
+            out = full_attention(q, k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale)[:, :, halo:]
         else:
             out = s2_attention(query[:, q0:q1], k_ext, v_ext, group_size, backend=backend, scale=scale,
                                q_offset=halo, positions=ctx.pos_in_doc[:, keys].to(query.device),
