@@ -67,10 +67,11 @@ def assets(workdir: Path) -> dict:
     return build_assets(root)
 
 
-def recipe(a: dict, run: Path, seq_len: int, sp: int, feature: str, group: int = 2048) -> dict:
+def recipe(a: dict, run: Path, seq_len: int, sp: int, feature: str, group: int = 2048,
+           sp_mode: str = "s2_halo") -> dict:
     from tests.assets import tiny_run_config
 
-    cfg = tiny_run_config(a, run, zero={"stage": 3}, parallel={"sp": sp},
+    cfg = tiny_run_config(a, run, zero={"stage": 3}, parallel={"sp": sp, "sp_mode": sp_mode},
                           data={"max_seq_len": seq_len, "valid_prefixes": []},
                           attention={"train": "s2", "group_size": group},
                           train={"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "eval_interval": 0,
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="lengths that also run --offload-features (default: the middle one)")
     p.add_argument("--offload-features", nargs="*", default=["act. offload"], choices=list(FEATURES))
     p.add_argument("--group-size", type=int, default=2048)
+    p.add_argument("--sp-mode", default="s2_halo", choices=("s2_halo", "ulysses"), help="for sp > 1")
     p.add_argument("--workdir", default="runs/bench_long_memory")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", help="write the rows here")
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             for feat in feats:
                 keys = FEATURES[feat]
                 missing = [k for k in keys if not avail.get(k, False)]
-                name = f"n{n}_sp{sp}_{feat.replace(' ', '').replace('.', '').replace('+', '_')}"
+                name = f"n{n}_sp{sp}{'_' + args.sp_mode if sp > 1 else ''}_{feat.replace(' ', '').replace('.', '').replace('+', '_')}"
                 run, path = workdir / name, workdir / f"{name}.yaml"
                 if missing:
                     print(f"| {n} | {sp} | {n // sp} | {feat} | not available ({', '.join(missing)}) | | | | |")
@@ -148,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if run.exists():
                     subprocess.run(["rm", "-rf", str(run)], check=True)
-                path.write_text(yaml.safe_dump(recipe(a, run, n, sp, feat, args.group_size)))
+                path.write_text(yaml.safe_dump(recipe(a, run, n, sp, feat, args.group_size, args.sp_mode)))
                 plan = planned(path, sp)
                 got = measure(path, run, sp, args.timeout)
                 meas = max(got["measured_gib_ranks"])
                 err = plan["planned_gib"] / meas - 1
-                row = {"seq_len": n, "sp": sp, "feature": feat, "available": True, **plan, **got,
+                row = {"seq_len": n, "sp": sp, "sp_mode": args.sp_mode if sp > 1 else "-", "feature": feat,
+                       "available": True, **plan, **got,
                        "measured_gib": meas, "rel_error": round(err, 4)}
                 rows.append(row)
                 print(f"| {n} | {sp} | {n // sp} | {feat} | {meas:.3f} | {plan['planned_gib']:.3f} | {err:+.0%} | "
