@@ -7,8 +7,9 @@
 For each model (Llama-2-7B/13B/70B, Llama-3-8B), node (8×A100-80G, 8×H100-80G), sequence-parallel
 layout (LongLoRA's sp=1 — one row per GPU, dp=8 —, s2_halo sp=8, ulysses sp=8) and ALST feature set
 (none; tiled MLP; tiled MLP + activation offload as DeepSpeed 0.19.8 runs it, whose restored inputs stay
-on the GPU until the backward ends; and offload with and without tiling as it would be if each restored
-input were freed after its layer — ``MemoryInputs.offload_keeps_restored``), a binary search over N (multiples of sp, so every rank
+on the GPU until the backward ends; offload with and without tiling as it would be if each restored
+input were freed after its layer — ``MemoryInputs.offload_keeps_restored``; and tiling with DeepSpeed's
+own activation checkpointing and ``cpu_checkpointing``, whose restore frees), a binary search over N (multiples of sp, so every rank
 holds N/sp tokens; S²-Attn's G = N/4 rounded down to even needs nothing more) finds the largest N whose
 plan fits both the GPUs and the host (``megalong.utils.memory.estimate_memory``). The run is what
 megalong trains: LoRA+ (r=8 on q, k, v, o, embeddings and norms trained), S²-Attn, flash kernels,
@@ -41,10 +42,13 @@ MODELS = {"Llama-2-7B": "llama2-7b", "Llama-2-13B": "llama2-13b", "Llama-2-70B":
 # 8×A100 server's 1 TiB, a DGX H100's 2 TiB)
 NODES = {"8×A100-80G": (80.0, 1024.0), "8×H100-80G": (79.65, 2048.0)}
 LAYOUTS = [("s2_halo", 1), ("s2_halo", 8), ("ulysses", 8)]
-# (tiled MLP, activation offload, offloaded inputs stay cached on the GPU once restored as DeepSpeed 0.19.8 does)
-FEATURES = {"none": (False, False, True), "tiled MLP": (True, False, True),
-            "tiled + offload (DS 0.19.8)": (True, True, True), "offload, restored freed": (False, True, False),
-            "tiled + offload, restored freed": (True, True, False)}
+# (tiled MLP, activation offload, offloaded inputs stay cached on the GPU once restored as DeepSpeed 0.19.8 does,
+#  DeepSpeed's own checkpointing with cpu_checkpointing: its restore does not cache)
+FEATURES = {"none": (False, False, True, False), "tiled MLP": (True, False, True, False),
+            "tiled + offload (DS 0.19.8)": (True, True, True, False),
+            "offload, restored freed": (False, True, False, False),
+            "tiled + offload, restored freed": (True, True, False, False),
+            "tiled + cpu_checkpointing": (True, False, True, True)}
 OFFLOADS = [("none", {}), ("optimizer", {"offload_optimizer": True}),
             ("optimizer + params", {"offload_optimizer": True, "offload_param": True})]
 SHORT = {"activations: checkpoints": "checkpoints", "activations: layers": "recomputed layer",
@@ -55,13 +59,14 @@ CAP = 1 << 27  # 134M tokens: no search goes past this
 
 
 def base_inputs(model: str, node: str, sp_mode: str = "s2_halo", sp: int = 1, tiled: bool = False,
-                offload_acts: bool = False, keeps_restored: bool = True, lora: bool = True, **over) -> MemoryInputs:
+                offload_acts: bool = False, keeps_restored: bool = True, cpu_ckpt: bool = False, lora: bool = True,
+                **over) -> MemoryInputs:
     """The planner's inputs of one cell at a placeholder length (the search replaces seq_len)."""
     gpu_gb, host_gb = NODES[node]
     shape = ModelShape.known(model)
     i = MemoryInputs(shape, seq_len=sp, gpus_per_node=8, sp=sp, sp_mode=sp_mode, zero_stage=3,
                      activation_checkpointing="layer", offload_activations=offload_acts, tiled_mlp=tiled,
-                     offload_keeps_restored=keeps_restored,
+                     offload_keeps_restored=keeps_restored, cpu_checkpointing=cpu_ckpt,
                      attention="s2", attention_kernel="flash", dtype="bf16", lora=lora,
                      gpu_memory_gb=gpu_gb, host_memory_gb=host_gb, **over)
     return replace(i, counts=i.param_counts())  # count once: the search evaluates many lengths
@@ -130,8 +135,7 @@ def model_offload(model: str, gain: float, lora: bool = True) -> tuple[str, dict
 
 def run_cell(model: str, node: str, sp_mode: str, sp: int, features: str, offload: tuple[str, dict],
              lora: bool = True) -> Cell:
-    tiled, acts, keeps = FEATURES[features]
-    base = base_inputs(MODELS.get(model, model), node, sp_mode, sp, tiled, acts, keeps, lora=lora, **offload[1])
+    base = base_inputs(MODELS.get(model, model), node, sp_mode, sp, *FEATURES[features], lora=lora, **offload[1])
     n = search(base)
     layout = "LongLoRA (sp=1)" if sp == 1 else f"{sp_mode} sp={sp}"
     if n is None:
@@ -169,6 +173,7 @@ REFERENCES = [  # (source, model, node, sp_mode, sp, features, LoRA+, published 
     ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload (DS 0.19.8)", True, 3_700_000),
     ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload, restored freed", True, 3_700_000),
     ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + offload, restored freed", False, 3_700_000),
+    ("ALST", "Llama-3-8B", "8×H100-80G", "ulysses", 8, "tiled + cpu_checkpointing", True, 3_700_000),
 ]
 
 
