@@ -47,9 +47,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpu-checkpointing", action="store_true", help="DeepSpeed cpu_checkpointing")
     p.add_argument("--offload-activations", action="store_true",
                    help="ALST's checkpoint offload (train.offload_activations): layer inputs in host memory")
-    p.add_argument("--offload-frees-restored", action="store_true",
-                   help="plan an activation offload that frees each restored input after its layer (DeepSpeed "
-                        "0.19.8 keeps them all on the GPU until the backward ends, so by default it saves no GPU)")
+    p.add_argument("--offload-keeps-restored", action="store_true",
+                   help="plan DeepSpeed 0.19.8's own activation offload, which keeps every restored input on the GPU "
+                        "until the backward ends (no GPU saved); megalong's offload frees each one after its layer")
     p.add_argument("--tiled-mlp", action="store_true", help="DeepSpeed's TiledMLP (train.tiled_mlp)")
     p.add_argument("--tiled-mlp-shards", type=int, default=0, help="tiles per MLP call (0: ceil(tokens / hidden))")
     p.add_argument("--attention", default="s2", choices=("s2", "full"))
@@ -101,7 +101,7 @@ def from_flags(args: argparse.Namespace):
         gpus_per_node=args.gpus, nodes=args.nodes, sp=args.sp, sp_mode=args.sp_mode, zero_stage=args.zero,
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param,
         activation_checkpointing=args.activation_checkpointing, cpu_checkpointing=args.cpu_checkpointing,
-        offload_activations=args.offload_activations, offload_keeps_restored=not args.offload_frees_restored,
+        offload_activations=args.offload_activations, offload_keeps_restored=args.offload_keeps_restored,
         tiled_mlp=args.tiled_mlp, tiled_mlp_shards=args.tiled_mlp_shards,
         attention=args.attention, group_size=args.group_size, attention_kernel=args.attention_kernel,
         dtype=args.dtype, lora=args.lora, lora_r=args.lora_r, loss_chunk=args.loss_chunk,

@@ -33,6 +33,14 @@ is a saved-tensors hook that moves the input of every checkpointed (transformers
 to pinned host memory during forward and brings it back for backward. Forward *and* backward of
 a micro-batch must run inside it (its bookkeeping is cleared on exit). On CPU it passes every
 tensor through (host memory is the device memory).
+
+What it lacks, handled here: DeepSpeed 0.19.8 unpacks with ``cache=True`` (for a second backward
+through one graph, ``retain_graph``) and keeps every input it brought back until the context exits;
+forward and backward run inside the context, so by the first layer's backward every layer input is
+on the device again and the peak is the one without offload. megalong runs one backward per
+forward (its loss refuses a second), so ``FreeingOffload`` unpacks with ``cache=False``: a
+restored input is dropped by the engine once its layer has recomputed, and the device holds only
+the inputs still in flight.
 """
 
 from __future__ import annotations
@@ -117,14 +125,27 @@ def apply_tiled_mlp(model: nn.Module, shards: int = 0) -> int:
 
 
 # ---------------------------------------------------------------- activation offload
+def freeing_offload(**kwargs):
+    """DeepSpeed's ``CheckpointHiddenStatesOffload`` that hands each restored layer input out once and
+    keeps no reference to it (see the module docstring); ``kwargs`` as DeepSpeed's constructor."""
+    from deepspeed.runtime.activation_checkpointing.offload_activations import (
+        CheckpointHiddenStatesOffload,
+        _OffloadedTensorRef,
+    )
+
+    class FreeingOffload(CheckpointHiddenStatesOffload):
+        def _unpack_tensor(self, maybe_ref):
+            if isinstance(maybe_ref, _OffloadedTensorRef):
+                return self._restore_tensor(maybe_ref.tensor_id, cache=False)
+            return maybe_ref
+
+    return FreeingOffload(**kwargs)
+
+
 def attach_activation_offload(model: nn.Module) -> None:
     """Create the offload context once (its pinned host buffers are reused every step) and keep it on
     ``model`` for ``activation_offload``."""
-    from deepspeed.runtime.activation_checkpointing.offload_activations import (
-        get_checkpoint_hidden_states_offloading_ctx_manager,
-    )
-
-    setattr(model, OFFLOAD_ATTR, get_checkpoint_hidden_states_offloading_ctx_manager())
+    setattr(model, OFFLOAD_ATTR, freeing_offload())
 
 
 def activation_offload(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -66,7 +66,8 @@ ALST's features (DeepSpeed 0.19.8, ``train.tiled_mlp`` / ``train.offload_activat
                         (layers − 1)·w·h·T per rank. But 0.19.8 caches every input it restores until its
                         context exits, after the backward: by the first layer's backward all layers' inputs
                         are on the GPU again, so the GPU peak equals the one without offload
-                        (``offload_keeps_restored``, default True; False plans an offload that frees them).
+                        (``offload_keeps_restored=True``). megalong's offload unpacks once and frees each
+                        restored input (default ``offload_keeps_restored=False``).
                         On CPU it offloads nothing (a pass-through).
 
 Ulysses (``sp_mode=ulysses``, DeepSpeed's UlyssesSPAttentionHF): after the all-to-all each rank runs the
@@ -158,11 +159,12 @@ class MemoryInputs:
     """ALST's checkpoint offload (DeepSpeed's ``CheckpointHiddenStatesOffload``, ``train.offload_activations``):
     the kept layer inputs live in host memory; the GPU keeps the newest one and two copies in flight.
     A pass-through on CPU (DeepSpeed offloads nothing from a CPU device)."""
-    offload_keeps_restored: bool = True
-    """DeepSpeed 0.19.8's ``CheckpointHiddenStatesOffload`` unpacks with ``cache=True``: every input it brings
-    back stays referenced until the context exits, and forward and backward run inside it, so by the backward
-    of the first layer all of them are on the GPU again (the GPU peak is not lowered; the host still holds
-    the copies). ``False`` plans an offload that frees each restored input after its layer's backward."""
+    offload_keeps_restored: bool = False
+    """``True`` plans DeepSpeed 0.19.8's own ``CheckpointHiddenStatesOffload``, which unpacks with ``cache=True``:
+    every input it brings back stays referenced until the context exits, and forward and backward run inside
+    it, so by the backward of the first layer all of them are on the GPU again (the GPU peak is not lowered;
+    the host still holds the copies). ``False`` (default): what megalong runs (``megalong.engine.tiling.
+    freeing_offload`` unpacks once), each restored input freed after its layer's backward."""
     tiled_mlp: bool = False
     """DeepSpeed's ``TiledMLP`` (``train.tiled_mlp``): each MLP runs in sequence tiles; it saves only its
     input, and its (tokens, intermediate) tensors exist for one tile at a time (recomputed in backward)."""

@@ -9,6 +9,8 @@ to the checkpointed layers (on CPU it passes tensors through) and changes nothin
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -33,11 +35,12 @@ FAMILIES = {
 }
 
 
-def _model(family: str, seed: int = 0, targets=ALL_PROJ):
+def _model(family: str, seed: int = 0, targets=ALL_PROJ, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **FAMILIES[family]), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **{**FAMILIES[family], **overrides}),
+                                             attn_implementation="sdpa")
     model = apply_lora_plus(model, LoraConfig(r=4, alpha=8, targets=list(targets)))
     for name, p in model.named_parameters():  # LoRA B starts at zero: give every adapter a real gradient path
         if "lora_B" in name:
@@ -184,6 +187,33 @@ def test_activation_offload_wraps_the_checkpointed_layers_and_changes_nothing():
     # every decoder layer's checkpointed input reached DeepSpeed's hook; on CPU none is moved
     assert ctx.stats.marked_tensors == 2 and ctx.stats.skipped_marked_tensors == 2
     assert ctx.stats.offloaded_tensors == 0
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_offload_frees_each_restored_input_and_keeps_the_gradients():
+    """megalong's offload (DeepSpeed's, unpacking once), forced to move tensors on CPU as it would from a
+    GPU: the same loss and gradients as without offload, and after the backward it holds none of the
+    layer inputs it brought back (DeepSpeed 0.19.8's own keeps all of them until the context exits:
+    tests/unit/test_memory.py)."""
+    from megalong.engine.tiling import freeing_offload
+
+    batch = {"input_ids": torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(5))}
+    batch["labels"] = batch["input_ids"]
+
+    def run(ctx):
+        model = _model("llama", num_hidden_layers=4)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with ctx:
+            return _loss_and_grads(model, batch)
+
+    want_loss, _, want = run(contextlib.nullcontext())
+    ctx = freeing_offload(use_pin_memory=False, use_streams=False, min_offload_bytes=0)
+    ctx._should_skip = lambda tensor: False  # offload from the CPU "device" as from a GPU
+    loss, _, got = run(ctx)
+    assert ctx.stats.offloaded_tensors == 3 and ctx.stats.kept_last_tensors == 1  # 4 layers: newest kept
+    assert ctx.stats.restored_tensors == 3 and len(ctx._restored) == 0
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=name)
