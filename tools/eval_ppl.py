@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from megalong.data.indexed import DataFileError, IndexedDataset
     from megalong.eval import evaluate_perplexity, load_eval_model
     from megalong.eval.loading import check_data_fits_model
-    from megalong.eval.sp import finish_eval_parallel, gather_peak_memory_gb, start_eval_parallel
+    from megalong.eval.sp import finish_eval_parallel, start_eval_parallel
     from megalong.utils.logging import setup_logging
+    from megalong.utils.metrics import gather_peak_memory_gb
 
     rank = int(os.environ.get("RANK", 0))
     setup_logging("INFO", rank=rank)

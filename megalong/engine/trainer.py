@@ -38,7 +38,13 @@ from megalong.lora import count_parameters
 from megalong.parallel.dims import DeepSpeedMPU, ParallelDims, init_distributed
 from megalong.parallel.s2_halo import HaloStats
 from megalong.parallel.sharding import shard_batch
-from megalong.utils.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, train_flops_per_token
+from megalong.utils.metrics import (
+    MetricsWriter,
+    device_peak_tflops,
+    gather_peak_memory_gb,
+    peak_memory_gb,
+    train_flops_per_token,
+)
 from megalong.utils.progress import Progress
 
 log = logging.getLogger("megalong")
@@ -234,7 +240,7 @@ class Trainer:
         if evaluated:
             rec.update(self.evaluate())
         if evaluated or self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.max_steps:
-            rec["mem_gb_ranks"] = self._gather_memory()
+            rec["mem_gb_ranks"] = gather_peak_memory_gb()
             metrics.write({k: v for k, v in rec.items() if k != "stop_signal"})
         bar.update(1, loss=rec["loss"], tok_s=round(rec["tokens_per_s"]))
         if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
@@ -317,15 +323,6 @@ class Trainer:
             "around those samples (tools/inspect_data.py), use train.dtype=fp32 to rule out overflow, or set "
             "train.nan_policy=skip to skip such steps"
         )
-
-    def _gather_memory(self) -> list[float]:
-        """Peak memory (GB) of every rank, rank order (all ranks call this)."""
-        mine = torch.tensor([peak_memory_gb()], dtype=torch.float64)
-        if not (dist.is_initialized() and self.dims.world > 1):
-            return [round(float(mine), 3)]
-        out = [torch.zeros_like(mine) for _ in range(self.dims.world)]
-        dist.all_gather(out, mine)
-        return [round(float(t), 3) for t in out]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)

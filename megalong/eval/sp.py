@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalong.config.schema import ConfigError
+from megalong.data.batch import IGNORE_INDEX
 
 SP_MODES = ("s2_halo", "ulysses")
-IGNORE_INDEX = -100
 PAD_TOKEN = 0
 """Input id of the padding after a window (never attended by a real token, its loss is dropped)."""
 
@@ -225,18 +225,6 @@ def start_eval_parallel(sp: int, sp_mode: str = "s2_halo", *, env: Mapping[str, 
             accel.set_device(local_rank)
             device = f"{accel.device_name()}:{local_rank}"
     return (SequenceParallelEval(dims, sp_mode) if sp > 1 else None), rank, torch.device(device)
-
-
-def gather_peak_memory_gb() -> list[float]:
-    """Peak memory (GB: accelerator, else host RSS) of every rank in rank order; all ranks call it."""
-    from megalong.utils.metrics import peak_memory_gb
-
-    mine = torch.tensor([peak_memory_gb()], dtype=torch.float64)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [round(float(mine), 3)]
-    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return [round(float(t), 3) for t in parts]
 
 
 def finish_eval_parallel(barrier: bool = True) -> None:

@@ -44,6 +44,18 @@ def peak_memory_gb() -> float:
     return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def gather_peak_memory_gb() -> list[float]:
+    """``peak_memory_gb`` of every rank of the default process group, in rank order (all ranks call it)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([peak_memory_gb()], dtype=torch.float64)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [round(float(mine), 3)]
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [round(float(t), 3) for t in parts]
+
+
 class MetricsWriter:
     """Appends step records to metrics.jsonl (flushed each time, so a killed run keeps them)."""
 
