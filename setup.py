@@ -24,12 +24,14 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "wonderwords>=2.2",  # English word lists for the task suite (megalong.eval.ruler)
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "parquet": ["pyarrow>=14"],
         "plot": ["matplotlib>=3.7"],
+        "gguf": ["gguf>=0.10"],
         "tensorboard": ["tensorboard>=2.14"],
-        "dev": ["pytest>=8", "ruff>=0.6", "pyarrow>=14", "matplotlib>=3.7", "mistral-common>=1.5"],
+        "dev": ["pytest>=8", "ruff>=0.6", "pyarrow>=14", "matplotlib>=3.7", "mistral-common>=1.5", "gguf>=0.10"],
     },
 )

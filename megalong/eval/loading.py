@@ -57,3 +57,36 @@ def check_data_fits_model(prefix: str, vocab_size: int) -> None:
     from megalong.data.indexed import check_tokenizer_matches
 
     check_tokenizer_matches(prefix, vocab_size)
+
+
+def base_context(hf_config) -> int | None:
+    """The context a model was trained at before any extension: the original length of its RoPE
+    scaling (megalong's record, ``original_max_position_embeddings``, or max/factor for linear PI),
+    else ``max_position_embeddings``."""
+    rec = getattr(hf_config, "megalong_rope", None)
+    if isinstance(rec, dict) and rec.get("original_length"):
+        return int(rec["original_length"])
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    if params.get("original_max_position_embeddings"):
+        return int(params["original_max_position_embeddings"])
+    n = getattr(hf_config, "max_position_embeddings", None)
+    if n and params.get("rope_type", params.get("type")) == "linear" and params.get("factor"):
+        return int(round(n / float(params["factor"])))
+    return int(n) if n else None
+
+
+def model_identity(model_dir: str | Path, tokenizer) -> dict:
+    """What identifies an evaluated model and its tokenizer in stored results: the directory, a hash of
+    its config.json and of its weight files' names and sizes, and a hash of the tokenizer's behaviour
+    (vocabulary size, chat template, the ids of a probe text)."""
+    import hashlib
+
+    path = Path(model_dir)
+    weights = sorted((f.name, f.stat().st_size) for f in path.iterdir()
+                     if f.suffix in (".safetensors", ".bin") and f.is_file())
+    model_sha = hashlib.sha256((path / "config.json").read_bytes() + repr(weights).encode()).hexdigest()[:16]
+    probe = "The grass is green. VAR ABCDE = 12345 One of the special magic numbers for x-y is: 1234567."
+    tok = repr((len(tokenizer), getattr(tokenizer, "chat_template", None),
+                tokenizer(probe, add_special_tokens=True)["input_ids"]))
+    return {"model": str(model_dir), "model_sha": model_sha,
+            "tokenizer_sha": hashlib.sha256(tok.encode()).hexdigest()[:16]}

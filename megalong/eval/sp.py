@@ -6,9 +6,16 @@
       └─ decoder(sp_context) ─► hidden (b, L, d) ─► chunked lm_head ─► losses (b, L)
     all_gather over the sp group ─► (b, n') ─► drop the pads ─► (b, n): the tokens sp = 1 scores
 
-Greedy decoding (passkey) re-runs the sharded forward over prompt + answer-so-far for every new
-token (answers are a few tokens; no KV cache): the rank holding the last real token computes that
-one position's logits (1, V), takes the argmax and broadcasts it to the group.
+Greedy decoding (passkey, the task suite) prefills the sharded prompt once with a KV cache, so each
+rank keeps the keys/values of its own slice; the rank holding the last real token computes that one
+position's logits (1, V), takes the argmax and broadcasts it. Every further token runs on every rank
+(the same token, its global position) against the distributed cache (``CachedDecode``):
+
+    rank r: q (1 token) · its cached keys [real slice tokens; decoded tokens on rank 0 only]
+            -> partial softmax output o_r and log-sum-exp l_r          (B, H, 1, D), (B, H, 1)
+    all_gather (o_r, l_r) -> o = Σ_r e^(l_r - l) o_r,  l = log Σ_r e^(l_r)   (exact: one softmax)
+
+so a rank holds only its slice of the cache and a new token costs one small all-gather per layer.
 
 The attention layers must be megalong's (``megalong_full`` / ``megalong_s2``): stock ``sdpa`` would
 ignore ``sp_context`` and attend inside each rank's slice only; ``check_model`` refuses that.
@@ -144,27 +151,94 @@ class SequenceParallelEval:
     @torch.no_grad()
     def greedy(self, model, prompt: list[int], n_tokens: int, device: torch.device,
                eos_token_ids: tuple[int, ...] = ()) -> list[int]:
-        """Up to ``n_tokens`` greedy tokens after ``prompt`` (stops after an EOS, as ``generate`` does)."""
-        from megalong.models.loading import lm_head_of
+        """Up to ``n_tokens`` greedy tokens after ``prompt`` (stops after an EOS, as ``generate`` does):
+        one sharded prefill with a KV cache, then one cached step per token (``CachedDecode``)."""
+        from transformers import DynamicCache
+
+        from megalong.models.loading import decoder_of, lm_head_of
 
         self.check_model(model)
-        head = lm_head_of(model)
-        ids = list(prompt)
-        for _ in range(n_tokens):
-            n = len(ids)
-            x = torch.tensor([ids], device=device)  # (1, n)
-            inputs, labels = pad_window(x, x, self.sp)  # labels unused: only hidden states are needed
-            part = self._shard(inputs, labels)
-            hidden = self._hidden(model, part)  # (1, L, d)
-            owner, at = owner_of(n - 1, inputs.shape[1] // self.sp)
-            token = torch.zeros(1, dtype=torch.long, device=device)
-            if self.dims.sp_rank == owner:
-                token[0] = head(hidden[:, at]).argmax(dim=-1)[0]  # logits of one position: (1, V)
-            dist.broadcast(token, src=self.dims.sp_group_ranks()[owner], group=self.group)
-            ids.append(int(token))
-            if ids[-1] in eos_token_ids:
-                break
-        return ids[len(prompt):]
+        head, decoder = lm_head_of(model), decoder_of(model)
+        n = len(prompt)
+        x = torch.tensor([prompt], device=device)  # (1, n)
+        inputs, labels = pad_window(x, x, self.sp)  # labels unused: only hidden states are needed
+        part = self._shard(inputs, labels)
+        cache = DynamicCache()  # full-length layers: a rank's slice, not the last `window` tokens
+        hidden = decoder(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=True,
+                         cache=cache, sp_context=part["sp_context"]).last_hidden_state  # (1, L, d)
+        local_len = inputs.shape[1] // self.sp
+        owner, at = owner_of(n - 1, local_len)
+        token = torch.zeros(1, dtype=torch.long, device=device)
+        if self.dims.sp_rank == owner:
+            token[0] = head(hidden[:, at]).argmax(dim=-1)[0]  # logits of one position: (1, V)
+        dist.broadcast(token, src=self.dims.sp_group_ranks()[owner], group=self.group)
+        out = [int(token)]
+        ctx = CachedDecode(self.group, self.dims.sp_rank, local_len,
+                           real_len=min(local_len, max(0, n - self.dims.sp_rank * local_len)), first_position=n)
+        while len(out) < n_tokens and out[-1] not in eos_token_ids:
+            ctx.position = n + len(out) - 1  # the global position of the token being fed
+            step = torch.tensor([[out[-1]]], device=device)
+            hidden = decoder(input_ids=step, position_ids=torch.tensor([[ctx.position]], device=device),
+                             use_cache=True, cache=cache, sp_context=ctx).last_hidden_state  # (1, 1, d)
+            token[0] = head(hidden[:, -1]).argmax(dim=-1)[0]  # the same on every rank
+            dist.broadcast(token, src=self.dims.sp_group_ranks()[0], group=self.group)
+            out.append(int(token))
+        return out
+
+
+@dataclass
+class CachedDecode:
+    """``sp_context`` for one decoded token after a sharded prefill: attention over the distributed cache.
+
+    Each rank's cache holds its prefill slice (``local_len`` keys, the first ``real_len`` real, the rest
+    padding after the prompt) and then every decoded token; the decoded tokens count on rank 0 only.
+    Positions are global: slice key i of rank r sits at r·local_len + i, decoded key j at
+    first_position + j; a model's sliding window is honoured with them."""
+
+    group: object
+    rank: int
+    local_len: int
+    real_len: int
+    first_position: int
+    position: int = 0
+    """Global position of the query token (set before every step)."""
+
+    def _valid(self, total: int, window: int | None, device) -> torch.Tensor:
+        """(total,) which cached keys this rank contributes."""
+        idx = torch.arange(total, device=device)
+        slice_key = idx < self.local_len
+        valid = torch.where(slice_key, idx < self.real_len, torch.tensor(self.rank == 0, device=device))
+        if window is not None:
+            pos = torch.where(slice_key, self.rank * self.local_len + idx, self.first_position + idx - self.local_len)
+            valid &= (self.position - pos) < window
+        return valid
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
+               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
+        """q (B, H, 1, D), this rank's cache k/v (B, H_kv, T, D) -> (B, H, 1, Dv), the same on every rank."""
+        from megalong.models.families import sliding_window_of
+
+        if group_size is not None:
+            raise ConfigError("cached decoding runs full attention; call use_full_attention(model) first")
+        b, h, q_len, d = query.shape
+        hkv, total = key.shape[1], key.shape[2]
+        window = (getattr(module, "sliding_window", None) if hasattr(module, "sliding_window")
+                  else sliding_window_of(getattr(module, "config", None)))
+        valid = self._valid(total, window, key.device)  # (T,)
+        qg = query.float().reshape(b, hkv, h // hkv, q_len, d)  # (B, H_kv, G, 1, D): GQA without repeating K/V
+        scores = torch.einsum("bkgqd,bktd->bkgqt", qg, key.float()) * (scale if scale is not None else d ** -0.5)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H_kv, G, 1); -inf where this rank has no valid key
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+        part = torch.einsum("bkgqt,bktv->bkgqv", probs, value.float())  # (B, H_kv, G, 1, Dv)
+        lses = [torch.empty_like(lse) for _ in range(dist.get_world_size(self.group))]
+        parts = [torch.empty_like(part) for _ in lses]
+        dist.all_gather(lses, lse.contiguous(), group=self.group)
+        dist.all_gather(parts, part.contiguous(), group=self.group)
+        lse_all = torch.stack(lses)  # (sp, B, H_kv, G, 1)
+        weights = torch.exp(lse_all - torch.logsumexp(lse_all, dim=0)).nan_to_num(0.0)
+        out = (weights[..., None] * torch.stack(parts)).sum(dim=0)  # (B, H_kv, G, 1, Dv)
+        return out.reshape(b, h, q_len, -1).to(query.dtype)
 
 
 # ----------------------------------------------------------------------------------- start-up

@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 tests/dist/sp_eval_worker.py TOOL ARGS... -- TOOL ARGS... -- ...
 
-TOOL is ``eval_ppl`` or ``passkey`` (tools/eval_ppl.py, tools/passkey.py); each run's ``main`` is
+TOOL is ``eval_ppl``, ``passkey`` or ``ruler`` (tools/eval_ppl.py, tools/passkey.py, tools/ruler.py); each run's ``main`` is
 called with its ARGS in order, keeping the process group between runs (each tool tears it down when
 it finishes; a launcher start costs seconds, so a test pays for one). Rank 0 prints
 ``RUN i TOOL rc=N`` after each run; the worker always exits 0 once every run returned.
@@ -22,9 +22,9 @@ def _keep_group(barrier: bool = True) -> None:
 
 def main() -> int:
     from megalong.eval import sp
-    from tools import eval_ppl, passkey
+    from tools import eval_ppl, passkey, ruler
 
-    tools = {"eval_ppl": eval_ppl.main, "passkey": passkey.main}
+    tools = {"eval_ppl": eval_ppl.main, "passkey": passkey.main, "ruler": ruler.main}
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     runs, run = [], []
     for a in [*args, "--"]:
