@@ -221,24 +221,37 @@ class CachedDecode:
         if group_size is not None:
             raise ConfigError("cached decoding runs full attention; call use_full_attention(model) first")
         b, h, q_len, d = query.shape
-        hkv, total = key.shape[1], key.shape[2]
+        total = key.shape[2]
         window = (getattr(module, "sliding_window", None) if hasattr(module, "sliding_window")
                   else sliding_window_of(getattr(module, "config", None)))
-        valid = self._valid(total, window, key.device)  # (T,)
-        qg = query.float().reshape(b, hkv, h // hkv, q_len, d)  # (B, H_kv, G, 1, D): GQA without repeating K/V
-        scores = torch.einsum("bkgqd,bktd->bkgqt", qg, key.float()) * (scale if scale is not None else d ** -0.5)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # (B, H_kv, G, 1); -inf where this rank has no valid key
-        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-        part = torch.einsum("bkgqt,bktv->bkgqv", probs, value.float())  # (B, H_kv, G, 1, Dv)
+        lse, part = partial_attention(query, key, value, self._valid(total, window, key.device), scale)
         lses = [torch.empty_like(lse) for _ in range(dist.get_world_size(self.group))]
         parts = [torch.empty_like(part) for _ in lses]
         dist.all_gather(lses, lse.contiguous(), group=self.group)
         dist.all_gather(parts, part.contiguous(), group=self.group)
-        lse_all = torch.stack(lses)  # (sp, B, H_kv, G, 1)
-        weights = torch.exp(lse_all - torch.logsumexp(lse_all, dim=0)).nan_to_num(0.0)
-        out = (weights[..., None] * torch.stack(parts)).sum(dim=0)  # (B, H_kv, G, 1, Dv)
+        out = combine_partials(lses, parts)  # (B, H_kv, G, 1, Dv)
         return out.reshape(b, h, q_len, -1).to(query.dtype)
+
+
+def partial_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q (B, H, Q, D) over the ``valid`` (T,) keys of k/v (B, H_kv, T, D), fp32:
+    (log-sum-exp (B, H_kv, G, Q), output (B, H_kv, G, Q, Dv)); -inf and 0 where no key is valid."""
+    b, h, q_len, d = query.shape
+    hkv = key.shape[1]
+    qg = query.float().reshape(b, hkv, h // hkv, q_len, d)  # GQA without repeating K/V
+    scores = torch.einsum("bkgqd,bktd->bkgqt", qg, key.float()) * (scale if scale is not None else d ** -0.5)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return lse, torch.einsum("bkgqt,bktv->bkgqv", probs, value.float())
+
+
+def combine_partials(lses: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """One softmax from per-rank partial ones: Σ_r e^(l_r - l) o_r with l = log Σ_r e^(l_r)."""
+    lse_all = torch.stack(lses)  # (sp, ...)
+    weights = torch.exp(lse_all - torch.logsumexp(lse_all, dim=0)).nan_to_num(0.0)
+    return (weights[..., None] * torch.stack(parts)).sum(dim=0)
 
 
 # ----------------------------------------------------------------------------------- start-up

@@ -107,3 +107,36 @@ def test_settings_the_sp_argmax_does_not_apply_are_named():
     assert unapplied_processors(model) == ["repetition_penalty=1.2", "no_repeat_ngram_size=3"]
     model.generation_config.eos_token_id = [2, 7]
     assert eos_ids(model) == (2, 7)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_cached_decode_partials_combine_to_attention_over_the_whole_cache(window):
+    """Three ranks' caches (prefill slices of 6, the last one half padding, then 3 decoded tokens on every
+    rank): each rank's partial softmax over what it contributes, combined, equals dense attention of the
+    query over the prompt's 15 real keys and the decoded ones (GQA 6/2; a sliding window of 7)."""
+    from megalong.eval.sp import CachedDecode, combine_partials, partial_attention
+
+    torch.manual_seed(0)
+    sp, local, n, decoded, h, hkv, d = 3, 6, 15, 3, 6, 2, 8
+    prompt_k, prompt_v = torch.randn(1, hkv, sp * local, d), torch.randn(1, hkv, sp * local, d)
+    dec_k, dec_v = torch.randn(1, hkv, decoded, d), torch.randn(1, hkv, decoded, d)
+    q = torch.randn(1, h, 1, d)
+    position = n + decoded - 1  # the query is the last decoded token
+    lses, parts = [], []
+    for r in range(sp):
+        ctx = CachedDecode(None, r, local, real_len=min(local, max(0, n - r * local)), first_position=n,
+                           position=position)
+        k = torch.cat([prompt_k[:, :, r * local:(r + 1) * local], dec_k], dim=2)
+        v = torch.cat([prompt_v[:, :, r * local:(r + 1) * local], dec_v], dim=2)
+        lse, part = partial_attention(q, k, v, ctx._valid(k.shape[2], window, k.device), 0.3)
+        lses.append(lse)
+        parts.append(part)
+    got = combine_partials(lses, parts).reshape(1, h, 1, d)
+    keys = torch.cat([prompt_k[:, :, :n], dec_k], dim=2).repeat_interleave(h // hkv, dim=1)  # (1, H, n + 3, D)
+    vals = torch.cat([prompt_v[:, :, :n], dec_v], dim=2).repeat_interleave(h // hkv, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * 0.3
+    if window is not None:
+        pos = torch.arange(n + decoded)
+        scores = scores.masked_fill((position - pos) >= window, float("-inf"))
+    want = scores.softmax(-1) @ vals
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
