@@ -79,9 +79,12 @@ class RopeConfig:
     target_length: int | None = None
     """Context length to extend to; default ``data.max_seq_len``."""
     original_length: int | None = None
-    """The base model's trained context; default its config's ``max_position_embeddings``."""
+    """The context the base model was pretrained on, before any RoPE scaling; default its config's
+    ``max_position_embeddings``. Required when the base is already linearly scaled and was not written by
+    megalong (its config does not say which context it was pretrained on)."""
     factor: float | None = None
-    """Explicit scaling factor; default ``target_length / original_length`` (exact)."""
+    """Explicit scaling factor, applied to unscaled positions; default ``target_length / original_length``
+    (exact)."""
     extra: dict = field(default_factory=dict)
     """Further HF rope parameters (``beta_fast``, ``low_freq_factor``, ...)."""
 

@@ -11,6 +11,11 @@ The factor is exact (a float ratio of two integers, never rounded) and recorded 
 ``rope_scaling`` + ``rope_theta`` (read by transformers 4.x, vLLM, llama.cpp converters) beside
 transformers 5's ``rope_parameters``, and ``max_position_embeddings = target``: LongLoRA's first
 released configs lacked these, and users got garbage past 4k.
+
+A base that already carries linear
+scaling gets the total factor target / pretrained context; which context that was comes from
+megalong's own record or from ``rope.original_length`` (checkpoints disagree on
+``max_position_embeddings``; see ``_stacked_original``).
 """
 
 from __future__ import annotations
@@ -56,13 +61,38 @@ def _hf_rope_parameters(scaling: RopeScaling) -> dict:
     return p
 
 
+def _stacked_original(hf_config: Any, rope: RopeConfig, prior: float, target_length: int) -> int:
+    """The pretrained context of a base that already carries linear scaling by ``prior``.
+
+    A linear factor says how far positions are divided, not which context the model was pretrained on,
+    and checkpoints disagree about ``max_position_embeddings``: LongLoRA's releases keep the pretrained
+    length there (Llama-2 4096 with factor 8 for 32k), others store the extended length. megalong's own
+    exports record the answer (``megalong_rope``); anything else must say it.
+    """
+    if rope.original_length is not None:
+        return int(rope.original_length)
+    record = getattr(hf_config, "megalong_rope", None)
+    if isinstance(record, dict) and record.get("type") == "linear" and float(record.get("factor", 0)) == prior:
+        return int(record["original_length"])
+    if rope.factor is not None:
+        return max(1, int(round(target_length / float(rope.factor))))
+    mpe = int(hf_config.max_position_embeddings)
+    short = max(1, int(round(mpe / prior)))
+    raise ConfigError(
+        f"the base model already uses linear RoPE scaling (factor {prior:g}) with max_position_embeddings={mpe}, "
+        "and its config does not say which context it was pretrained on. If max_position_embeddings is the "
+        f"pretrained length (LongLoRA's releases, e.g. Llama-2 4096 with factor 8), set rope.original_length={mpe} "
+        f"(factor {target_length / mpe:g} for {target_length} tokens); if it is the extended length, set "
+        f"rope.original_length={short} (factor {target_length / short:g}); or give rope.factor explicitly"
+    )
+
+
 def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> RopeScaling | None:
     """Decide the scaling for ``target_length`` from the base model's config; None for ``rope.type=none``."""
     base = _base_rope_params(hf_config)
     if rope.type == "none":
         return None
     base_type = base.get("rope_type", "default")
-    current = int(rope.original_length or hf_config.max_position_embeddings)
     prior = 1.0
     if base_type != "default":
         if base_type != rope.type or rope.type != "linear":
@@ -72,13 +102,15 @@ def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> R
                 "rope.factor, or rope.type=none to keep the base's scaling"
             )
         prior = float(base.get("factor", 1.0))
-    factor = float(rope.factor) if rope.factor is not None else prior * target_length / current
-    if factor < 1.0:
+        original = _stacked_original(hf_config, rope, prior, target_length)
+    else:
+        original = int(rope.original_length or hf_config.max_position_embeddings)
+    if rope.factor is None and target_length < original:
         raise ConfigError(
-            f"rope target length {target_length} is shorter than the base context {current}; "
+            f"rope target length {target_length} is shorter than the base context {original}; "
             "nothing to extend (set rope.type=none)"
         )
-    original = int(round(current / prior)) if rope.original_length is None else current
+    factor = float(rope.factor) if rope.factor is not None else target_length / original
     return RopeScaling(rope.type, factor, original, int(target_length), float(base["rope_theta"]), dict(rope.extra))
 
 

@@ -5,7 +5,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megalong.config.schema import ConfigError, RopeConfig
-from megalong.models import apply_rope_scaling, create_model, plan_rope_scaling, save_hf_model
+from megalong.models import (
+    apply_rope_scaling,
+    create_model,
+    plan_rope_scaling,
+    save_hf_model,
+    write_config_json,
+)
 from tests.conftest import tiny_config
 
 
@@ -63,12 +69,34 @@ def test_old_style_config_with_only_rope_scaling_loads(tmp_path):
     assert back.rope_parameters["factor"] == 2.0 and back.rope_parameters["rope_theta"] == 1e6
 
 
-def test_linear_on_linear_composes_and_mismatch_is_rejected():
-    cfg = tiny_config("llama", max_position_embeddings=256, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    s = plan_rope_scaling(cfg, RopeConfig(type="linear"), 1024)
-    assert s.factor == 8.0 and s.original_length == 128
+def test_linear_on_linear_needs_the_pretrained_context():
+    """A LongLoRA-style base (max_position_embeddings = pretrained 128, linear ×8, covers 1024) extended to
+    1024 / 2048: the total factor is target / 128. The old plan read 128 as the extended length (factor 64
+    and original 16 at 1024); without a record of the pretrained context it is now refused with both fixes."""
+    cfg = tiny_config("llama", rope_scaling={"rope_type": "linear", "factor": 8.0})
+    with pytest.raises(ConfigError, match=r"rope.original_length=128 \(factor 8 for 1024.*rope.original_length=16"):
+        plan_rope_scaling(cfg, RopeConfig(type="linear"), 1024)
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear", original_length=128), 1024)
+    assert (s.factor, s.original_length) == (8.0, 128)
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear", original_length=128), 2048)
+    assert (s.factor, s.original_length) == (16.0, 128)
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear", factor=16.0), 2048)
+    assert (s.factor, s.original_length) == (16.0, 128)
     with pytest.raises(ConfigError, match="already uses rope_type"):
         plan_rope_scaling(cfg, RopeConfig(type="yarn"), 1024)
+
+
+def test_linear_on_megalong_export_reads_its_record(tmp_path):
+    """megalong's own export (max_position_embeddings = extended 512, ×4) records its pretrained context."""
+    cfg = tiny_config("llama")
+    apply_rope_scaling(cfg, plan_rope_scaling(cfg, RopeConfig(type="linear"), 512))
+    write_config_json(cfg, tmp_path)
+    back = AutoConfig.from_pretrained(tmp_path, local_files_only=True)
+    assert back.max_position_embeddings == 512 and back.rope_parameters["factor"] == 4.0
+    s = plan_rope_scaling(back, RopeConfig(type="linear"), 1024)
+    assert (s.factor, s.original_length) == (8.0, 128)
+    apply_rope_scaling(back, s)
+    torch.testing.assert_close(_inv_freq(create_model(back)), _inv_freq(create_model(tiny_config("llama"))) / 8.0)
 
 
 def test_none_and_shrinking_targets():
