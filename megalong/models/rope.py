@@ -12,7 +12,9 @@ The factor is exact (a float ratio of two integers, never rounded) and recorded 
 transformers 5's ``rope_parameters``, and ``max_position_embeddings = target``: LongLoRA's first
 released configs lacked these, and users got garbage past 4k.
 
-A base that already carries linear
+``rope.theta`` raises the base instead of (or as well as) scaling positions ("ABF", as Code Llama,
+EasyContext and Llama-3-8B-Instruct-80K do), ``angle(pos, i) = pos · θ'^(-2i/d)``; ``rope.type=theta``
+does only that. The new θ is what the exported config says. A base that already carries linear
 scaling gets the total factor target / pretrained context; which context that was comes from
 megalong's own record or from ``rope.original_length`` (checkpoints disagree on
 ``max_position_embeddings``; see ``_stacked_original``).
@@ -51,8 +53,10 @@ def _base_rope_params(hf_config: Any) -> dict:
 
 def _hf_rope_parameters(scaling: RopeScaling) -> dict:
     """The ``rope_parameters`` dict transformers 5 expects for this scaling."""
+    if scaling.type == "theta":  # ABF: plain RoPE with another base
+        return {"rope_type": "default", "rope_theta": scaling.theta, **scaling.extra}
     p: dict = {"rope_type": scaling.type, "rope_theta": scaling.theta, "factor": scaling.factor}
-    if scaling.type in ("yarn", "llama3"):
+    if scaling.type in ("yarn", "llama3", "longrope"):
         p["original_max_position_embeddings"] = scaling.original_length
     if scaling.type == "llama3":
         p.setdefault("low_freq_factor", 1.0)
@@ -87,6 +91,24 @@ def _stacked_original(hf_config: Any, rope: RopeConfig, prior: float, target_len
     )
 
 
+def _check_longrope(hf_config: Any, rope: RopeConfig) -> None:
+    """longrope needs per-frequency factor lists (LongRoPE's search result); say what is missing."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    partial = float(getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    half = int(head_dim * partial) // 2
+    for key in ("short_factor", "long_factor"):
+        value = rope.extra.get(key)
+        ok = isinstance(value, list) and len(value) == half and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)
+        if not ok:
+            got = "missing" if value is None else f"{type(value).__name__} of length {len(value) if isinstance(value, list) else '-'}"
+            raise ConfigError(
+                f"rope.type=longrope needs rope.extra.{key}: a list of {half} positive numbers (one per rotary "
+                f"frequency: head_dim {head_dim} × partial_rotary_factor {partial:g} / 2), got {got}. Take both "
+                "lists from a LongRoPE search or a Phi-3 *-128k config.json (rope_scaling.short_factor/long_factor)"
+            )
+
+
 def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> RopeScaling | None:
     """Decide the scaling for ``target_length`` from the base model's config; None for ``rope.type=none``."""
     base = _base_rope_params(hf_config)
@@ -105,13 +127,19 @@ def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> R
         original = _stacked_original(hf_config, rope, prior, target_length)
     else:
         original = int(rope.original_length or hf_config.max_position_embeddings)
+    if rope.type == "longrope":
+        _check_longrope(hf_config, rope)
     if rope.factor is None and target_length < original:
         raise ConfigError(
             f"rope target length {target_length} is shorter than the base context {original}; "
             "nothing to extend (set rope.type=none)"
         )
-    factor = float(rope.factor) if rope.factor is not None else target_length / original
-    return RopeScaling(rope.type, factor, original, int(target_length), float(base["rope_theta"]), dict(rope.extra))
+    if rope.type == "theta":
+        factor = 1.0
+    else:
+        factor = float(rope.factor) if rope.factor is not None else target_length / original
+    theta = float(rope.theta) if rope.theta is not None else float(base["rope_theta"])
+    return RopeScaling(rope.type, factor, original, int(target_length), theta, dict(rope.extra))
 
 
 def apply_rope_scaling(hf_config: Any, scaling: RopeScaling | None) -> Any:
@@ -137,4 +165,6 @@ def legacy_rope_fields(hf_config: Any) -> dict:
     out: dict = {"rope_theta": params["rope_theta"]}
     if params.get("rope_type", "default") != "default":
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    if params.get("rope_type") == "longrope":  # Phi-3's configs keep it at the top level
+        out["original_max_position_embeddings"] = params["original_max_position_embeddings"]
     return out

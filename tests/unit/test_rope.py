@@ -99,6 +99,64 @@ def test_linear_on_megalong_export_reads_its_record(tmp_path):
     torch.testing.assert_close(_inv_freq(create_model(back)), _inv_freq(create_model(tiny_config("llama"))) / 8.0)
 
 
+def _plain_inv_freq(theta: float, head_dim: int = 16) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+@pytest.mark.parametrize("rope_type", ["theta", "linear"])
+def test_rope_theta_is_applied_exported_and_reloaded(tmp_path, rope_type):
+    """ABF: rope.theta alone (type theta) or with linear PI; the export and a stock reload use the new θ."""
+    cfg = tiny_config("llama")
+    s = plan_rope_scaling(cfg, RopeConfig(type=rope_type, theta=2.5e5), 512)
+    assert s.theta == 2.5e5 and s.factor == (1.0 if rope_type == "theta" else 4.0)
+    apply_rope_scaling(cfg, s)
+    model = create_model(cfg, seed=3)
+    expect = _plain_inv_freq(2.5e5) / s.factor
+    torch.testing.assert_close(_inv_freq(model).double(), expect, rtol=1e-6, atol=0)
+    save_hf_model(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_theta"] == 2.5e5 and raw["rope_parameters"]["rope_theta"] == 2.5e5
+    assert raw["max_position_embeddings"] == 512 and raw["megalong_rope"]["theta"] == 2.5e5
+    if rope_type == "theta":
+        assert raw["rope_parameters"]["rope_type"] == "default" and "rope_scaling" not in raw
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    x = torch.randint(0, 96, (1, 300))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_rope_theta_config_errors():
+    with pytest.raises(ConfigError, match="set rope.theta"):
+        RopeConfig(type="theta")
+    with pytest.raises(ConfigError, match="use rope.type=theta"):
+        RopeConfig(type="none", theta=1e6)
+    with pytest.raises(ConfigError, match="set rope.theta instead"):
+        RopeConfig(type="linear", extra={"rope_theta": 1e6})
+
+
+def test_longrope_needs_factor_lists_and_round_trips(tmp_path):
+    """Phi-3-style LongRoPE through rope.extra; rows past the original context use the long factors."""
+    cfg = tiny_config("llama")
+    with pytest.raises(ConfigError, match=r"rope.extra.short_factor: a list of 8 positive numbers.*got missing"):
+        plan_rope_scaling(cfg, RopeConfig(type="longrope"), 512)
+    with pytest.raises(ConfigError, match=r"long_factor: a list of 8 .*got list of length 3"):
+        plan_rope_scaling(cfg, RopeConfig(type="longrope", extra={"short_factor": [1.0] * 8, "long_factor": [2.0] * 3}),
+                          512)
+    short = [1.0 + 0.1 * i for i in range(8)]
+    long = [1.0 + 0.9 * i for i in range(8)]
+    s = plan_rope_scaling(cfg, RopeConfig(type="longrope", extra={"short_factor": short, "long_factor": long}), 512)
+    apply_rope_scaling(cfg, s)
+    model = create_model(cfg, seed=4)
+    save_hf_model(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_parameters"]["rope_type"] == "longrope" and raw["original_max_position_embeddings"] == 128
+    assert raw["rope_scaling"]["long_factor"] == long and raw["rope_parameters"]["factor"] == 4.0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    x = torch.randint(0, 96, (1, 200))  # > 128: the long factors
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(),
+                               _plain_inv_freq(10000.0) / torch.tensor(long, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_none_and_shrinking_targets():
     cfg = tiny_config("llama")
     assert plan_rope_scaling(cfg, RopeConfig(type="none"), 1024) is None
