@@ -177,6 +177,7 @@ def s2_attention(
     positions: torch.Tensor | None = None,
     heads: HeadLayout | None = None,
     shift: bool = True,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Shifted sparse attention (LongLoRA's S²-Attn), causal and leak-free.
 
@@ -198,6 +199,7 @@ def s2_attention(
             global head index). Default: all of them.
         shift: False gives short attention (LongLoRA's pilot-study baseline): the second half of
             the heads uses the unshifted groups too, so no head attends across a group boundary.
+        deterministic: flash backend: flash-attn's deterministic backward (same gradients run to run).
 
     Returns:
         (B, H, N - q_offset, D_v) attention output.
@@ -221,8 +223,11 @@ def s2_attention(
         halves = split_halves(num_heads, k.shape[1], heads)
         if not shift:  # short attention: the second half keeps its kv heads but not its shift
             halves = tuple(replace(h, shifted=False) for h in halves)
-        kernel = s2_flash if backend == "flash" else s2_sdpa
-        out = kernel(q, k, v, group_size, segment_ids, scale, positions, halves).transpose(1, 2)
+        if backend == "flash":
+            out = s2_flash(q, k, v, group_size, segment_ids, scale, positions, halves, deterministic)
+        else:
+            out = s2_sdpa(q, k, v, group_size, segment_ids, scale, positions, halves)
+        out = out.transpose(1, 2)
     return out[:, :, q_offset:] if q_offset else out
 
 
@@ -234,6 +239,7 @@ def full_attention(
     backend: str = "sdpa",
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Causal attention for evaluation and generation, documents respected.
 
@@ -244,6 +250,7 @@ def full_attention(
         backend: "sdpa", "flash" or "reference".
         segment_ids: optional (B, K) ints over the key positions; documents never see each other.
         scale: softmax scale, default 1/sqrt(D).
+        deterministic: flash backend: flash-attn's deterministic backward.
 
     Returns:
         (B, H, Q, D_v) attention output.
@@ -256,7 +263,7 @@ def full_attention(
     if backend == "reference":
         return reference_attention(q, k, v, full_mask(batch, q_len, kv_len, segment_ids, q.device), scale)
     if backend == "flash":
-        out = full_flash(q, k, v, segment_ids, scale)
+        out = full_flash(q, k, v, segment_ids, scale, deterministic)
         if out is not None:
             return out.transpose(1, 2)
     return full_sdpa(q, k, v, segment_ids, scale).transpose(1, 2)

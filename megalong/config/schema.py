@@ -128,6 +128,10 @@ class AttentionConfig:
     """G as a fraction of ``data.max_seq_len`` when ``group_size`` is unset (LongLoRA: 1/4)."""
     eval: str = "full"
     """Attention used for evaluation: ``full`` or ``s2``."""
+    deterministic: bool = False
+    """``backend=flash``: ask flash-attn for its deterministic backward (slower; its default accumulates dq in
+    a varying order, so the same seed gives slightly different gradients). SDPA on GPUs: set
+    ``torch.use_deterministic_algorithms`` yourself."""
 
     def __post_init__(self) -> None:
         _one_of("attention.train", self.train, ("s2", "full", "short"))

@@ -125,6 +125,15 @@ def check_attention(cfg: Config, hf: Any, accelerator: str) -> list[Finding]:
     return out
 
 
+def check_flash_dtype(cfg: Config) -> list[Finding]:
+    """flash-attn has fp16/bf16 kernels only: an fp32 run would fail at its first forward."""
+    if cfg.attention.backend != "flash" or cfg.train.dtype != "fp32":
+        return []
+    return [Finding("error", "attention", "attention.backend=flash runs in fp16/bf16 only (flash-attn has no fp32 "
+                                          "kernels) but train.dtype=fp32: set train.dtype=bf16, or "
+                                          "attention.backend=sdpa to train in fp32")]
+
+
 def check_vocab(hf: Any, tokenizer_vocab: int | None, tokenizer_name: str = "the tokenizer") -> list[Finding]:
     """Every token id the tokenizer can produce has an embedding row."""
     if tokenizer_vocab is None:
@@ -154,6 +163,7 @@ def run_checks(cfg: Config, hf: Any, world: int, accelerator: str = "cuda",
         *check_heads(cfg, hf),
         *check_batch(cfg, world),
         *check_attention(cfg, hf, accelerator),
+        *check_flash_dtype(cfg),
         *check_vocab(hf, tokenizer_vocab, tokenizer_name),
     ]
 

@@ -210,10 +210,11 @@ class SequenceParallelContext:
         return self._plans[group_size]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
+               backend: str, scale: float | None, module: torch.nn.Module | None = None,
+               deterministic: bool = False) -> torch.Tensor:
         """What megalong's registered attention functions call under sequence parallelism
         (``megalong.attention`` stays free of distributed code): see ``halo_attention``."""
-        return halo_attention(query, key, value, self, group_size, backend, scale)
+        return halo_attention(query, key, value, self, group_size, backend, scale, deterministic=deterministic)
 
     def key_slice(self, plan: HaloPlan, half: int) -> slice:
         end = (self.rank + 1) * self.local_len
@@ -247,7 +248,8 @@ def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tenso
 
 
 def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: SequenceParallelContext,
-                   group_size: int | None, backend: str, scale: float | None) -> torch.Tensor:
+                   group_size: int | None, backend: str, scale: float | None,
+                   deterministic: bool = False) -> torch.Tensor:
     """Sequence-parallel S²-Attn (or, with ``group_size`` None, full attention) of this rank's queries.
 
     Args:
@@ -256,6 +258,7 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         group_size: S²-Attn G; None for full causal attention.
         backend: the local kernel ("sdpa", "flash", "reference").
         scale: softmax scale.
+        deterministic: flash backend: flash-attn's deterministic backward.
 
     Returns:
         (B, H, L, D_v), equal to the rows [rL, (r+1)L) of single-process attention over the whole row.
@@ -289,11 +292,12 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             q = query[:, q0:q1]
             if halo:
                 q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], halo, q.shape[3]), q], dim=2)
-            out = full_attention(q, k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale)[:, :, halo:]
+            out = full_attention(q, k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale,
+                                 deterministic=deterministic)[:, :, halo:]
         else:
             out = s2_attention(query[:, q0:q1], k_ext, v_ext, group_size, backend=backend, scale=scale,
                                q_offset=halo, positions=ctx.pos_in_doc[:, keys].to(query.device),
                                segment_ids=ctx.doc_ids[:, keys].to(query.device),
-                               heads=HeadLayout(num_heads, num_kv, q0))
+                               heads=HeadLayout(num_heads, num_kv, q0), deterministic=deterministic)
         outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

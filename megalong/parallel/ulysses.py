@@ -74,7 +74,8 @@ class UlyssesContext:
     position_ids: torch.Tensor
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
+               backend: str, scale: float | None, module: torch.nn.Module | None = None,
+               deterministic: bool = False) -> torch.Tensor:
         """This rank's (B, H, L, D) attention output; q (B, H, L, D), k/v (B, H_kv, L, D) local slices."""
         from megalong.attention.s2attn import full_attention, s2_attention
 
@@ -91,9 +92,10 @@ class UlyssesContext:
 
         def core(q, k, v):
             if group_size is None:
-                return full_attention(q, k, v, backend=backend, segment_ids=docs, scale=scale)
+                return full_attention(q, k, v, backend=backend, segment_ids=docs, scale=scale,
+                                      deterministic=deterministic)
             return s2_attention(q, k, v, group_size, backend=backend, segment_ids=docs, scale=scale,
-                                positions=pos, heads=heads)
+                                positions=pos, heads=heads, deterministic=deterministic)
 
         holder = module if module is not None else torch.nn.Module()
         saved = holder.__dict__.get("num_key_value_groups", None)

@@ -106,7 +106,8 @@ def test_broken_recipes_fail_both_with_the_same_errors(case, model_dirs, assets)
 
 
 def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
-    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets,
+                  ["--attention.backend=flash", "--train.dtype=bf16"])
     from megalong.engine.setup import base_hf_config
 
     hf, _ = base_hf_config(cfg)
@@ -115,6 +116,15 @@ def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
     assert checks.errors(checks.run_checks(cfg, hf, 2, "cuda", 512)) == []
     with pytest.raises(ConfigError, match="needs CUDA GPUs"):
         Trainer(cfg).preflight(2, "cpu")
+
+
+def test_flash_with_fp32_is_refused_before_the_first_forward(model_dirs, assets):
+    """flash-attn has no fp32 kernels: tiny_cpu.yaml (fp32) with backend=flash fails the checks on GPUs too."""
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])
+    dry, trainer = _verdicts(cfg, 2)
+    assert trainer == ["attention: attention.backend=flash runs in fp16/bf16 only (flash-attn has no fp32 kernels) "
+                       "but train.dtype=fp32: set train.dtype=bf16, or attention.backend=sdpa to train in fp32"]
+    _same(dry, trainer)
 
 
 def test_dry_run_exit_code_follows_the_verdict(model_dirs, assets, tmp_path):
