@@ -90,10 +90,11 @@ def s2_flash(
 
 def full_flash(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None, scale: float | None,
-    deterministic: bool = False,
+    window: int | None = None, deterministic: bool = False,
 ) -> torch.Tensor | None:
     """Causal flash attention; returns token-major (B, Q, H, Dv).
 
+    ``window``: query i sees only keys j > i - window (flash-attn's ``window_size=(window - 1, 0)``).
     Returns None for the one case it leaves to SDPA: documents together with a KV cache
     (q shorter than k), which only happens while decoding packed rows.
     """
@@ -101,6 +102,8 @@ def full_flash(
     dense, varlen = import_flash_attn()
     batch, _, q_len, _ = q.shape
     kwargs = {"softmax_scale": scale, "causal": True, "deterministic": deterministic}
+    if window is not None:
+        kwargs["window_size"] = (window - 1, 0)
     if segment_ids is None:
         # flash-attn aligns the causal mask bottom-right, so q shorter than k (a KV cache) is right.
         return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, **kwargs)

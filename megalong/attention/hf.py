@@ -196,6 +196,12 @@ def s2_attention_forward(
     _check_call(dropout, kwargs)
     group_size = _group_size(module)
     spec = _spec(module)
+    window = kwargs.get("sliding_window")
+    if window is not None and group_size > window:
+        raise ValueError(
+            f"group_size={group_size} exceeds the model's sliding_window={window}; use a group size "
+            f"<= {window} (then the window never cuts a group)"
+        )
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel (megalong.parallel): halo exchange or Ulysses all-to-all
         if not spec.shift:
@@ -213,12 +219,6 @@ def s2_attention_forward(
         raise ValueError(
             f"S²-Attn got {query.shape[2]} queries for {key.shape[2]} keys (a KV cache): it is a "
             "training-time attention; call megalong.attention.use_full_attention(model) before generating"
-        )
-    window = kwargs.get("sliding_window")
-    if window is not None and group_size > window:
-        raise ValueError(
-            f"group_size={group_size} exceeds the model's sliding_window={window}; use a group size "
-            f"<= {window} (then the window never cuts a group)"
         )
     docs = _documents(attention_mask, kwargs.get("segment_ids"), kwargs.get("position_ids"), query.shape[0])
     out = s2_attention(query, key, value, group_size, backend=spec.backend, segment_ids=docs, scale=scaling,
@@ -249,8 +249,9 @@ def full_attention_forward(
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel (evaluation at lengths one rank cannot hold)
         _check_call(dropout, kwargs)
+        # the whole row's sliding window (Mistral v0.1: 4096): the local mask transformers built is not used
         out = sp.attend(query, key, value, None, spec.backend, scaling, module=module,
-                        deterministic=spec.deterministic)
+                        window=kwargs.get("sliding_window"), deterministic=spec.deterministic)
         return out.transpose(1, 2), None
     if attention_mask is not None:  # a stock 4D mask (padding, cache, window): stock sdpa
         if segment_ids is not None:

@@ -39,7 +39,7 @@ import torch
 from .flash import full_flash, s2_flash
 from .heads import HeadLayout, split_halves
 from .layout import combine_segments_and_padding, doc_starts, positions_in_doc
-from .sdpa import decode_mask, full_sdpa, s2_sdpa
+from .sdpa import decode_mask, full_sdpa, s2_sdpa, windowed_sdpa
 
 __all__ = [
     "BACKENDS",
@@ -146,6 +146,12 @@ def full_mask(batch: int, q_len: int, kv_len: int, segment_ids: torch.Tensor | N
     return decode_mask(segment_ids, batch, q_len, kv_len, device)
 
 
+def window_mask(q_len: int, kv_len: int, window: int, device) -> torch.Tensor:
+    """(1, 1, Q, K) sliding-window band for queries at the last Q of K positions: i - window < j."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] > q_pos - window)[None, None]
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None,
     heads: HeadLayout | None = None,
@@ -239,6 +245,7 @@ def full_attention(
     backend: str = "sdpa",
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
     deterministic: bool = False,
 ) -> torch.Tensor:
     """Causal attention for evaluation and generation, documents respected.
@@ -250,6 +257,8 @@ def full_attention(
         backend: "sdpa", "flash" or "reference".
         segment_ids: optional (B, K) ints over the key positions; documents never see each other.
         scale: softmax scale, default 1/sqrt(D).
+        window: a sliding window (Mistral's ``sliding_window``): the query at key position i sees
+            keys i - window < j ≤ i only. None (or ≥ K): no window.
         deterministic: flash backend: flash-attn's deterministic backward.
 
     Returns:
@@ -260,10 +269,19 @@ def full_attention(
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
     _check_segments(segment_ids, batch, kv_len)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive int (the model's sliding_window) or None")
+    if window is not None and window >= kv_len:
+        window = None  # every query's keys fit in the window
     if backend == "reference":
-        return reference_attention(q, k, v, full_mask(batch, q_len, kv_len, segment_ids, q.device), scale)
+        allowed = full_mask(batch, q_len, kv_len, segment_ids, q.device)
+        if window is not None:
+            allowed = allowed & window_mask(q_len, kv_len, window, q.device)
+        return reference_attention(q, k, v, allowed, scale)
     if backend == "flash":
-        out = full_flash(q, k, v, segment_ids, scale, deterministic)
+        out = full_flash(q, k, v, segment_ids, scale, window, deterministic)
         if out is not None:
             return out.transpose(1, 2)
+    if window is not None:
+        return windowed_sdpa(q, k, v, segment_ids, scale, window).transpose(1, 2)
     return full_sdpa(q, k, v, segment_ids, scale).transpose(1, 2)
