@@ -51,3 +51,12 @@ def assets(tmp_path_factory):
     from tests.assets import build_assets
 
     return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture
+def flash_standin(monkeypatch):
+    """flash-attn's interface on CPU (tests/flash_standin.py), so megalong's flash code path runs without a GPU.
+    Returns the list of recorded kernel calls."""
+    from tests import flash_standin as standin
+
+    return standin.install(monkeypatch)

@@ -3,6 +3,7 @@
 "interpolated but untrained" baseline every context-extension result should be compared with.
 
     python tools/rope_scale_model.py --model base_hf --target-length 1024 --output base_pi_hf [--type linear]
+    python tools/rope_scale_model.py ... --type theta --theta 1e6     (a new RoPE base only, "ABF")
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--target-length", type=int, required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--type", default="linear", choices=["linear", "dynamic", "yarn", "llama3"])
+    p.add_argument("--type", default="linear", choices=["linear", "dynamic", "yarn", "llama3", "theta"])
+    p.add_argument("--theta", type=float, default=None, help="new RoPE base (rope.theta); needed for --type theta")
     args = p.parse_args(argv)
 
     from megalong.config import ConfigError, ModelConfig, RopeConfig
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     src, out = Path(args.model), Path(args.output)
     try:
         cfg = build_hf_config(ModelConfig(name_or_path=str(src)))
-        scaling = plan_rope_scaling(cfg, RopeConfig(type=args.type), args.target_length)
+        scaling = plan_rope_scaling(cfg, RopeConfig(type=args.type, theta=args.theta), args.target_length)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    print(f"wrote {out} (rope {scaling.type}, factor {scaling.factor:g}, context {scaling.target_length})")
+    print(f"wrote {out} (rope {scaling.type}, factor {scaling.factor:g}, θ {scaling.theta:g}, "
+          f"context {scaling.target_length})")
     return 0
 
 

@@ -9,6 +9,8 @@ starts), so the kernel never computes a masked block and nothing is padded:
     cu_seqlens = [0, 4, 11, 15, 22]   (flattened offsets)
 
 flash-attn is optional and CUDA-only; it is imported lazily, only when this backend is used.
+``deterministic=True`` asks for flash-attn's deterministic backward (its default accumulates dq in
+an order that varies from run to run); every call passes it explicitly.
 GQA is native (query head h uses kv head h // (h_q / h_kv)); a half whose kv heads do not repeat
 uniformly gets its kv heads gathered first (see ``heads.py``).
 """
@@ -35,9 +37,13 @@ def import_flash_attn():
     return flash_attn_func, flash_attn_varlen_func
 
 
+FLASH_DEVICES = ("cuda",)
+"""Device types flash-attn's kernels run on (ROCm builds report ``cuda`` too)."""
+
+
 def check_flash_inputs(q: torch.Tensor) -> None:
     """flash-attn runs fp16/bf16 CUDA tensors only; say so before the kernel does, less clearly."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+    if q.device.type not in FLASH_DEVICES or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"backend='flash' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; "
             "cast the model to bf16 on a GPU, or use backend='sdpa' (any dtype, CPU or GPU)"
@@ -59,9 +65,10 @@ def s2_flash(
     scale: float | None,
     positions: torch.Tensor | None = None,
     halves: tuple[HalfHeads, ...] | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """S²-Attn with flash_attn_varlen_func; returns token-major (B, N, H, Dv). ``positions`` /
-    ``halves``: see s2_attention."""
+    ``halves`` / ``deterministic``: see s2_attention."""
     check_flash_inputs(q)
     _, varlen = import_flash_attn()
     batch, _, seq_len, _ = q.shape
@@ -74,31 +81,35 @@ def s2_flash(
         k_h = half.select_kv(k_f, 1).contiguous()
         v_h = half.select_kv(v_f, 1).contiguous()
         outs.append(
-            varlen(q_h, k_h, v_h, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
+            varlen(q_h, k_h, v_h, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True,
+                   deterministic=deterministic)
         )
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B·N, H, Dv)
     return out.view(batch, seq_len, out.shape[1], out.shape[2])
 
 
 def full_flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None, scale: float | None,
+    window: int | None = None, deterministic: bool = False,
 ) -> torch.Tensor | None:
     """Causal flash attention; returns token-major (B, Q, H, Dv).
 
+    ``window``: query i sees only keys j > i - window (flash-attn's ``window_size=(window - 1, 0)``).
     Returns None for the one case it leaves to SDPA: documents together with a KV cache
     (q shorter than k), which only happens while decoding packed rows.
     """
     check_flash_inputs(q)
     dense, varlen = import_flash_attn()
     batch, _, q_len, _ = q.shape
+    kwargs = {"softmax_scale": scale, "causal": True, "deterministic": deterministic}
+    if window is not None:
+        kwargs["window_size"] = (window - 1, 0)
     if segment_ids is None:
         # flash-attn aligns the causal mask bottom-right, so q shorter than k (a KV cache) is right.
-        return dense(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True
-        )
+        return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, **kwargs)
     if q_len != k.shape[2]:
         return None
     cu, max_len = chunk_layout(batch, q_len, segment_ids, None, 0, "flash", q.device)
     q_f, k_f, v_f = _flat(q).contiguous(), _flat(k).contiguous(), _flat(v).contiguous()
-    out = varlen(q_f, k_f, v_f, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
+    out = varlen(q_f, k_f, v_f, cu, cu, max_len, max_len, dropout_p=0.0, **kwargs)
     return out.view(batch, q_len, out.shape[1], out.shape[2])

@@ -59,6 +59,8 @@ class AttentionSpec:
     """Kernel: ``sdpa``, ``flash`` or ``reference``."""
     shift: bool = True
     """False: short attention (the S²-Attn groups, no shifted heads; LongLoRA's pilot baseline)."""
+    deterministic: bool = False
+    """flash backend: flash-attn's deterministic backward (``attention.deterministic``)."""
 
 
 def _spec(module: nn.Module) -> AttentionSpec:
@@ -193,12 +195,20 @@ def s2_attention_forward(
     """AttentionInterface entry "megalong_s2": q (B, H, N, D) -> ((B, N, H, D), None)."""
     _check_call(dropout, kwargs)
     group_size = _group_size(module)
+    spec = _spec(module)
+    window = kwargs.get("sliding_window")
+    if window is not None and group_size > window:
+        raise ValueError(
+            f"group_size={group_size} exceeds the model's sliding_window={window}; use a group size "
+            f"<= {window} (then the window never cuts a group)"
+        )
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel (megalong.parallel): halo exchange or Ulysses all-to-all
-        if not _spec(module).shift:
+        if not spec.shift:
             raise ValueError("short attention (attention.train=short) is not built for sequence parallelism; "
                              "use parallel.sp=1")
-        out = sp.attend(query, key, value, group_size, _spec(module).backend, scaling, module=module)
+        out = sp.attend(query, key, value, group_size, spec.backend, scaling, module=module,
+                        deterministic=spec.deterministic)
         return out.transpose(1, 2), None  # (B, L, H, Dv)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
@@ -210,16 +220,9 @@ def s2_attention_forward(
             f"S²-Attn got {query.shape[2]} queries for {key.shape[2]} keys (a KV cache): it is a "
             "training-time attention; call megalong.attention.use_full_attention(model) before generating"
         )
-    window = kwargs.get("sliding_window")
-    if window is not None and group_size > window:
-        raise ValueError(
-            f"group_size={group_size} exceeds the model's sliding_window={window}; use a group size "
-            f"<= {window} (then the window never cuts a group)"
-        )
     docs = _documents(attention_mask, kwargs.get("segment_ids"), kwargs.get("position_ids"), query.shape[0])
-    backend = _spec(module).backend
-    out = s2_attention(query, key, value, group_size, backend=backend, segment_ids=docs, scale=scaling,
-                       shift=_spec(module).shift)
+    out = s2_attention(query, key, value, group_size, backend=spec.backend, segment_ids=docs, scale=scaling,
+                       shift=spec.shift, deterministic=spec.deterministic)
     return out.transpose(1, 2), None  # (B, N, H, Dv)
 
 
@@ -242,10 +245,13 @@ def full_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface entry "megalong_full": causal attention honouring ``segment_ids``."""
     segment_ids = kwargs.get("segment_ids")
+    spec = _spec(module)
     sp = kwargs.get("sp_context")
     if sp is not None:  # sequence parallel (evaluation at lengths one rank cannot hold)
         _check_call(dropout, kwargs)
-        out = sp.attend(query, key, value, None, _spec(module).backend, scaling, module=module)
+        # the whole row's sliding window (Mistral v0.1: 4096): the local mask transformers built is not used
+        out = sp.attend(query, key, value, None, spec.backend, scaling, module=module,
+                        window=kwargs.get("sliding_window"), deterministic=spec.deterministic)
         return out.transpose(1, 2), None
     if attention_mask is not None:  # a stock 4D mask (padding, cache, window): stock sdpa
         if segment_ids is not None:
@@ -254,11 +260,11 @@ def full_attention_forward(
     q_len, kv_len = query.shape[2], key.shape[2]
     position_ids = kwargs.get("position_ids") if q_len == kv_len else None
     docs = _documents(None, segment_ids, position_ids, query.shape[0])
-    backend = _spec(module).backend
-    if docs is None and backend == "sdpa":  # plain causal rows: exactly stock sdpa
+    if docs is None and spec.backend == "sdpa":  # plain causal rows: exactly stock sdpa
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
     _check_call(dropout, kwargs)
-    out = full_attention(query, key, value, backend=backend, segment_ids=docs, scale=scaling)
+    out = full_attention(query, key, value, backend=spec.backend, segment_ids=docs, scale=scaling,
+                         deterministic=spec.deterministic)
     return out.transpose(1, 2), None  # (B, N, H, Dv)
 
 
@@ -309,18 +315,19 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _switch(model: nn.Module, implementation: str, group_size: int | None, backend: str,
-            shift: bool = True) -> nn.Module:
+            shift: bool = True, deterministic: bool = False) -> nn.Module:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; 'sdpa' works everywhere")
     register_attention()
     base = unwrap_model(model)
     for module in attention_modules(base):
-        setattr(module, SPEC_ATTR, AttentionSpec(group_size, backend, shift))
+        setattr(module, SPEC_ATTR, AttentionSpec(group_size, backend, shift, deterministic))
     base.set_attn_implementation(implementation)
     return model
 
 
-def use_s2_attention(model: nn.Module, group_size: int, backend: str = "sdpa", shift: bool = True) -> nn.Module:
+def use_s2_attention(model: nn.Module, group_size: int, backend: str = "sdpa", shift: bool = True,
+                     deterministic: bool = False) -> nn.Module:
     """Switch every attention layer to S²-Attn with group size G (training).
 
     Args:
@@ -328,17 +335,18 @@ def use_s2_attention(model: nn.Module, group_size: int, backend: str = "sdpa", s
         group_size: G, even; from the run config (LongLoRA: max_seq_len // 4), not the batch.
         backend: "sdpa", "flash" or "reference".
         shift: False gives short attention: the same groups, no shifted heads.
+        deterministic: flash backend: ask flash-attn for its deterministic backward.
 
     Returns:
         The same ``model`` (modified in place).
     """
     check_group_size(group_size)
-    return _switch(model, S2_IMPLEMENTATION, group_size, backend, shift)
+    return _switch(model, S2_IMPLEMENTATION, group_size, backend, shift, deterministic)
 
 
-def use_full_attention(model: nn.Module, backend: str = "sdpa") -> nn.Module:
+def use_full_attention(model: nn.Module, backend: str = "sdpa", deterministic: bool = False) -> nn.Module:
     """Switch every attention layer to causal full attention that honours ``segment_ids``."""
-    return _switch(model, FULL_IMPLEMENTATION, None, backend)
+    return _switch(model, FULL_IMPLEMENTATION, None, backend, deterministic=deterministic)
 
 
 register_attention()

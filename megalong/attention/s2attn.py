@@ -39,7 +39,7 @@ import torch
 from .flash import full_flash, s2_flash
 from .heads import HeadLayout, split_halves
 from .layout import combine_segments_and_padding, doc_starts, positions_in_doc
-from .sdpa import decode_mask, full_sdpa, s2_sdpa
+from .sdpa import decode_mask, full_sdpa, s2_sdpa, windowed_sdpa
 
 __all__ = [
     "BACKENDS",
@@ -146,6 +146,12 @@ def full_mask(batch: int, q_len: int, kv_len: int, segment_ids: torch.Tensor | N
     return decode_mask(segment_ids, batch, q_len, kv_len, device)
 
 
+def window_mask(q_len: int, kv_len: int, window: int, device) -> torch.Tensor:
+    """(1, 1, Q, K) sliding-window band for queries at the last Q of K positions: i - window < j."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] > q_pos - window)[None, None]
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None,
     heads: HeadLayout | None = None,
@@ -177,6 +183,7 @@ def s2_attention(
     positions: torch.Tensor | None = None,
     heads: HeadLayout | None = None,
     shift: bool = True,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Shifted sparse attention (LongLoRA's S²-Attn), causal and leak-free.
 
@@ -198,6 +205,7 @@ def s2_attention(
             global head index). Default: all of them.
         shift: False gives short attention (LongLoRA's pilot-study baseline): the second half of
             the heads uses the unshifted groups too, so no head attends across a group boundary.
+        deterministic: flash backend: flash-attn's deterministic backward (same gradients run to run).
 
     Returns:
         (B, H, N - q_offset, D_v) attention output.
@@ -221,8 +229,11 @@ def s2_attention(
         halves = split_halves(num_heads, k.shape[1], heads)
         if not shift:  # short attention: the second half keeps its kv heads but not its shift
             halves = tuple(replace(h, shifted=False) for h in halves)
-        kernel = s2_flash if backend == "flash" else s2_sdpa
-        out = kernel(q, k, v, group_size, segment_ids, scale, positions, halves).transpose(1, 2)
+        if backend == "flash":
+            out = s2_flash(q, k, v, group_size, segment_ids, scale, positions, halves, deterministic)
+        else:
+            out = s2_sdpa(q, k, v, group_size, segment_ids, scale, positions, halves)
+        out = out.transpose(1, 2)
     return out[:, :, q_offset:] if q_offset else out
 
 
@@ -234,6 +245,8 @@ def full_attention(
     backend: str = "sdpa",
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Causal attention for evaluation and generation, documents respected.
 
@@ -244,6 +257,9 @@ def full_attention(
         backend: "sdpa", "flash" or "reference".
         segment_ids: optional (B, K) ints over the key positions; documents never see each other.
         scale: softmax scale, default 1/sqrt(D).
+        window: a sliding window (Mistral's ``sliding_window``): the query at key position i sees
+            keys i - window < j ≤ i only. None (or ≥ K): no window.
+        deterministic: flash backend: flash-attn's deterministic backward.
 
     Returns:
         (B, H, Q, D_v) attention output.
@@ -253,10 +269,19 @@ def full_attention(
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
     _check_segments(segment_ids, batch, kv_len)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive int (the model's sliding_window) or None")
+    if window is not None and window >= kv_len:
+        window = None  # every query's keys fit in the window
     if backend == "reference":
-        return reference_attention(q, k, v, full_mask(batch, q_len, kv_len, segment_ids, q.device), scale)
+        allowed = full_mask(batch, q_len, kv_len, segment_ids, q.device)
+        if window is not None:
+            allowed = allowed & window_mask(q_len, kv_len, window, q.device)
+        return reference_attention(q, k, v, allowed, scale)
     if backend == "flash":
-        out = full_flash(q, k, v, segment_ids, scale)
+        out = full_flash(q, k, v, segment_ids, scale, window, deterministic)
         if out is not None:
             return out.transpose(1, 2)
+    if window is not None:
+        return windowed_sdpa(q, k, v, segment_ids, scale, window).transpose(1, 2)
     return full_sdpa(q, k, v, segment_ids, scale).transpose(1, 2)

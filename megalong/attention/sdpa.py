@@ -165,3 +165,38 @@ def full_sdpa(
     q_tok, k_tok, v_tok = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     plan = chunk_layout(batch, q_len, segment_ids, None, 0, "sdpa", q.device)
     return _chunks_with_plan(q_tok, k_tok, v_tok, plan, scale)  # all heads: enable_gqa maps them
+
+
+def windowed_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None, scale: float | None,
+    window: int,
+) -> torch.Tensor:
+    """Causal sliding-window attention (Mistral's): query i sees keys j with i - window < j ≤ i (same document).
+
+    Queries are the last Q of the K keys. They run in blocks of ``window`` rows; a block's keys are the
+    ``window - 1`` before it and its own, so each call holds a (window × (2·window - 1)) mask, never Q × K:
+
+        keys   . . . . [ k0 ............................ k1 )
+        block            [ i0 ........... i1 )           (i0 - window + 1 = k0, i1 = k1)
+
+    Returns token-major (B, Q, H, Dv).
+    """
+    batch, num_heads, q_len = q.shape[:3]
+    kv_len = k.shape[2]
+    gqa = num_heads != k.shape[1]
+    first = kv_len - q_len  # key index of the first query
+    docs = None if segment_ids is None else doc_starts(segment_ids).cumsum(dim=-1)  # (B, K)
+    outs = []
+    for start in range(0, q_len, window):
+        stop = min(q_len, start + window)
+        k0, k1 = max(0, first + start - window + 1), first + stop
+        qi = torch.arange(first + start, first + stop, device=q.device)[:, None]  # (Qb, 1) key-space positions
+        kj = torch.arange(k0, k1, device=q.device)[None, :]  # (1, Kb)
+        allowed = ((kj <= qi) & (kj > qi - window)).expand(batch, -1, -1)  # (B, Qb, Kb)
+        if docs is not None:
+            allowed = allowed & (docs[:, first + start:first + stop, None] == docs[:, None, k0:k1])
+        out = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1],
+                                             attn_mask=allowed[:, None], scale=scale, enable_gqa=gqa)
+        outs.append(out)  # (B, H, Qb, Dv)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2)

@@ -69,21 +69,29 @@ class ModelConfig:
             )
 
 
-ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3", "longrope", "theta")
 
 
 @dataclass
 class RopeConfig:
     type: str = "linear"
-    """``linear`` (position interpolation, LongLoRA), ``dynamic`` (NTK), ``yarn``, ``llama3`` or ``none``."""
+    """``linear`` (position interpolation, LongLoRA), ``dynamic`` (NTK), ``yarn``, ``llama3``, ``longrope``
+    (Phi-3 style: ``short_factor``/``long_factor`` lists in ``extra``), ``theta`` (only a new RoPE base
+    ``rope.theta``, "ABF") or ``none`` (keep the base's RoPE as it is)."""
     target_length: int | None = None
     """Context length to extend to; default ``data.max_seq_len``."""
     original_length: int | None = None
-    """The base model's trained context; default its config's ``max_position_embeddings``."""
+    """The context the base model was pretrained on, before any RoPE scaling; default its config's
+    ``max_position_embeddings``. Required when the base is already linearly scaled and was not written by
+    megalong (its config does not say which context it was pretrained on)."""
     factor: float | None = None
-    """Explicit scaling factor; default ``target_length / original_length`` (exact)."""
+    """Explicit scaling factor, applied to unscaled positions; default ``target_length / original_length``
+    (exact)."""
+    theta: float | None = None
+    """New RoPE base θ (``rope_theta``), alone (``type: theta``) or with another type; written into exported
+    configs. Default: the base model's θ."""
     extra: dict = field(default_factory=dict)
-    """Further HF rope parameters (``beta_fast``, ``low_freq_factor``, ...)."""
+    """Further HF rope parameters (``beta_fast``, ``low_freq_factor``, ``short_factor``, ...)."""
 
     def __post_init__(self) -> None:
         _one_of("rope.type", self.type, ROPE_TYPES)
@@ -92,6 +100,19 @@ class RopeConfig:
         for key in ("target_length", "original_length"):
             v = getattr(self, key)
             _check(v is None or v > 0, f"rope.{key}={v} must be a positive number of tokens")
+        self._check_theta()
+
+    def _check_theta(self) -> None:
+        if self.theta is not None:
+            _check(self.theta > 0, f"rope.theta={self.theta} must be a positive RoPE base (Llama 2: 10000)")
+            _check(self.type != "none", f"rope.type=none keeps the base's RoPE unchanged, so rope.theta={self.theta} "
+                                        "would be ignored; use rope.type=theta to change only θ")
+        if self.type == "theta":
+            _check(self.theta is not None, "rope.type=theta needs the new base: set rope.theta (e.g. 1.0e+6; "
+                                           "Llama-3-8B-Instruct-80K: 2.0e+8)")
+            _check(self.factor is None, f"rope.type=theta changes only θ, so rope.factor={self.factor} would be "
+                                        "ignored; drop rope.factor or use rope.type=linear with rope.theta")
+        _check("rope_theta" not in self.extra, "rope.extra.rope_theta is not read; set rope.theta instead")
 
 
 @dataclass
@@ -107,6 +128,10 @@ class AttentionConfig:
     """G as a fraction of ``data.max_seq_len`` when ``group_size`` is unset (LongLoRA: 1/4)."""
     eval: str = "full"
     """Attention used for evaluation: ``full`` or ``s2``."""
+    deterministic: bool = False
+    """``backend=flash``: ask flash-attn for its deterministic backward (slower; its default accumulates dq in
+    a varying order, so the same seed gives slightly different gradients). SDPA on GPUs: set
+    ``torch.use_deterministic_algorithms`` yourself."""
 
     def __post_init__(self) -> None:
         _one_of("attention.train", self.train, ("s2", "full", "short"))

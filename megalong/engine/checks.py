@@ -29,7 +29,7 @@ class Finding:
     level: str
     """``ok``, ``warn`` or ``error``."""
     what: str
-    """The area: ``parallel``, ``batch``, ``attention``, ``model``, ``tokenizer``."""
+    """The area: ``parallel``, ``batch``, ``attention``, ``rope``, ``model``, ``tokenizer``."""
     message: str
     """What was found and, for warnings and errors, what to do."""
 
@@ -125,6 +125,38 @@ def check_attention(cfg: Config, hf: Any, accelerator: str) -> list[Finding]:
     return out
 
 
+def check_flash_dtype(cfg: Config) -> list[Finding]:
+    """flash-attn has fp16/bf16 kernels only: an fp32 run would fail at its first forward."""
+    if cfg.attention.backend != "flash" or cfg.train.dtype != "fp32":
+        return []
+    return [Finding("error", "attention", "attention.backend=flash runs in fp16/bf16 only (flash-attn has no fp32 "
+                                          "kernels) but train.dtype=fp32: set train.dtype=bf16, or "
+                                          "attention.backend=sdpa to train in fp32")]
+
+
+def _rope_types(hf: Any) -> set[str]:
+    """The rope types of a (RoPE-applied) HF config; per layer type where the config nests them."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    if "rope_type" in params or "type" in params:
+        return {params.get("rope_type", params.get("type"))}
+    return {v.get("rope_type", v.get("type", "default")) for v in params.values() if isinstance(v, dict)}
+
+
+def check_rope_sp(cfg: Config, hf: Any) -> list[Finding]:
+    """RoPE types that pick their frequencies from the largest position of the forward cannot be split over ranks.
+
+    transformers' ``dynamic`` NTK and ``longrope`` recompute the frequencies from ``max(position_ids) + 1``
+    of each forward; under sequence parallelism every rank sees only its slice, so rank 0 (positions
+    below L) would rotate with other frequencies than one process over the whole row does."""
+    bad = sorted(_rope_types(hf) & {"dynamic", "longrope"})
+    if cfg.parallel.sp <= 1 or not bad:
+        return []
+    return [Finding("error", "rope", f"rope_type={bad[0]} (the run's rope.type or the base model's) derives its "
+                                     "frequencies from the longest position each forward sees, and under "
+                                     f"parallel.sp={cfg.parallel.sp} each rank sees only its slice of the row: "
+                                     "use parallel.sp=1, or rope.type=linear, yarn, llama3 or theta")]
+
+
 def check_vocab(hf: Any, tokenizer_vocab: int | None, tokenizer_name: str = "the tokenizer") -> list[Finding]:
     """Every token id the tokenizer can produce has an embedding row."""
     if tokenizer_vocab is None:
@@ -154,6 +186,8 @@ def run_checks(cfg: Config, hf: Any, world: int, accelerator: str = "cuda",
         *check_heads(cfg, hf),
         *check_batch(cfg, world),
         *check_attention(cfg, hf, accelerator),
+        *check_flash_dtype(cfg),
+        *check_rope_sp(cfg, hf),
         *check_vocab(hf, tokenizer_vocab, tokenizer_name),
     ]
 

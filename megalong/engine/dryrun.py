@@ -110,7 +110,7 @@ class DryRunReport:
                          f"({s['kv_heads']} KV), vocab {s['vocab_size']}, context {s['max_position_embeddings']}")
         if self.rope:
             lines.append(f"  RoPE {self.rope['type']} ×{self.rope['factor']:g}: {self.rope['original_length']} -> "
-                         f"{self.rope['target_length']} tokens")
+                         f"{self.rope['target_length']} tokens, θ {self.rope['theta']:g}")
         if self.counts:
             c = self.counts
             lines.append(f"parameters (meta device): {c.total:,} total, {c.trainable:,} trainable "

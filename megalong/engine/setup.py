@@ -162,9 +162,10 @@ def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
 
     kind = cfg.attention.train if mode == "train" else cfg.attention.eval
     if kind in ("s2", "short"):  # short: the same groups and kernel, no shifted heads
-        use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend, shift=kind == "s2")
+        use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend, shift=kind == "s2",
+                         deterministic=cfg.attention.deterministic)
     else:
-        use_full_attention(model, backend=cfg.attention.backend)
+        use_full_attention(model, backend=cfg.attention.backend, deterministic=cfg.attention.deterministic)
 
 
 def base_hf_config(cfg: Config, base_dir: Path | None = None) -> tuple[Any, RopeScaling | None]:

@@ -11,6 +11,13 @@ The factor is exact (a float ratio of two integers, never rounded) and recorded 
 ``rope_scaling`` + ``rope_theta`` (read by transformers 4.x, vLLM, llama.cpp converters) beside
 transformers 5's ``rope_parameters``, and ``max_position_embeddings = target``: LongLoRA's first
 released configs lacked these, and users got garbage past 4k.
+
+``rope.theta`` raises the base instead of (or as well as) scaling positions ("ABF", as Code Llama,
+EasyContext and Llama-3-8B-Instruct-80K do), ``angle(pos, i) = pos · θ'^(-2i/d)``; ``rope.type=theta``
+does only that. The new θ is what the exported config says. A base that already carries linear
+scaling gets the total factor target / pretrained context; which context that was comes from
+megalong's own record or from ``rope.original_length`` (checkpoints disagree on
+``max_position_embeddings``; see ``_stacked_original``).
 """
 
 from __future__ import annotations
@@ -46,8 +53,10 @@ def _base_rope_params(hf_config: Any) -> dict:
 
 def _hf_rope_parameters(scaling: RopeScaling) -> dict:
     """The ``rope_parameters`` dict transformers 5 expects for this scaling."""
+    if scaling.type == "theta":  # ABF: plain RoPE with another base
+        return {"rope_type": "default", "rope_theta": scaling.theta, **scaling.extra}
     p: dict = {"rope_type": scaling.type, "rope_theta": scaling.theta, "factor": scaling.factor}
-    if scaling.type in ("yarn", "llama3"):
+    if scaling.type in ("yarn", "llama3", "longrope"):
         p["original_max_position_embeddings"] = scaling.original_length
     if scaling.type == "llama3":
         p.setdefault("low_freq_factor", 1.0)
@@ -56,13 +65,56 @@ def _hf_rope_parameters(scaling: RopeScaling) -> dict:
     return p
 
 
+def _stacked_original(hf_config: Any, rope: RopeConfig, prior: float, target_length: int) -> int:
+    """The pretrained context of a base that already carries linear scaling by ``prior``.
+
+    A linear factor says how far positions are divided, not which context the model was pretrained on,
+    and checkpoints disagree about ``max_position_embeddings``: LongLoRA's releases keep the pretrained
+    length there (Llama-2 4096 with factor 8 for 32k), others store the extended length. megalong's own
+    exports record the answer (``megalong_rope``); anything else must say it.
+    """
+    if rope.original_length is not None:
+        return int(rope.original_length)
+    record = getattr(hf_config, "megalong_rope", None)
+    if isinstance(record, dict) and record.get("type") == "linear" and float(record.get("factor", 0)) == prior:
+        return int(record["original_length"])
+    if rope.factor is not None:
+        return max(1, int(round(target_length / float(rope.factor))))
+    mpe = int(hf_config.max_position_embeddings)
+    short = max(1, int(round(mpe / prior)))
+    raise ConfigError(
+        f"the base model already uses linear RoPE scaling (factor {prior:g}) with max_position_embeddings={mpe}, "
+        "and its config does not say which context it was pretrained on. If max_position_embeddings is the "
+        f"pretrained length (LongLoRA's releases, e.g. Llama-2 4096 with factor 8), set rope.original_length={mpe} "
+        f"(factor {target_length / mpe:g} for {target_length} tokens); if it is the extended length, set "
+        f"rope.original_length={short} (factor {target_length / short:g}); or give rope.factor explicitly"
+    )
+
+
+def _check_longrope(hf_config: Any, rope: RopeConfig) -> None:
+    """longrope needs per-frequency factor lists (LongRoPE's search result); say what is missing."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    partial = float(getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    half = int(head_dim * partial) // 2
+    for key in ("short_factor", "long_factor"):
+        value = rope.extra.get(key)
+        ok = isinstance(value, list) and len(value) == half and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)
+        if not ok:
+            got = "missing" if value is None else f"{type(value).__name__} of length {len(value) if isinstance(value, list) else '-'}"
+            raise ConfigError(
+                f"rope.type=longrope needs rope.extra.{key}: a list of {half} positive numbers (one per rotary "
+                f"frequency: head_dim {head_dim} × partial_rotary_factor {partial:g} / 2), got {got}. Take both "
+                "lists from a LongRoPE search or a Phi-3 *-128k config.json (rope_scaling.short_factor/long_factor)"
+            )
+
+
 def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> RopeScaling | None:
     """Decide the scaling for ``target_length`` from the base model's config; None for ``rope.type=none``."""
     base = _base_rope_params(hf_config)
     if rope.type == "none":
         return None
     base_type = base.get("rope_type", "default")
-    current = int(rope.original_length or hf_config.max_position_embeddings)
     prior = 1.0
     if base_type != "default":
         if base_type != rope.type or rope.type != "linear":
@@ -72,14 +124,22 @@ def plan_rope_scaling(hf_config: Any, rope: RopeConfig, target_length: int) -> R
                 "rope.factor, or rope.type=none to keep the base's scaling"
             )
         prior = float(base.get("factor", 1.0))
-    factor = float(rope.factor) if rope.factor is not None else prior * target_length / current
-    if factor < 1.0:
+        original = _stacked_original(hf_config, rope, prior, target_length)
+    else:
+        original = int(rope.original_length or hf_config.max_position_embeddings)
+    if rope.type == "longrope":
+        _check_longrope(hf_config, rope)
+    if rope.factor is None and target_length < original:
         raise ConfigError(
-            f"rope target length {target_length} is shorter than the base context {current}; "
+            f"rope target length {target_length} is shorter than the base context {original}; "
             "nothing to extend (set rope.type=none)"
         )
-    original = int(round(current / prior)) if rope.original_length is None else current
-    return RopeScaling(rope.type, factor, original, int(target_length), float(base["rope_theta"]), dict(rope.extra))
+    if rope.type == "theta":
+        factor = 1.0
+    else:
+        factor = float(rope.factor) if rope.factor is not None else target_length / original
+    theta = float(rope.theta) if rope.theta is not None else float(base["rope_theta"])
+    return RopeScaling(rope.type, factor, original, int(target_length), theta, dict(rope.extra))
 
 
 def apply_rope_scaling(hf_config: Any, scaling: RopeScaling | None) -> Any:
@@ -105,4 +165,6 @@ def legacy_rope_fields(hf_config: Any) -> dict:
     out: dict = {"rope_theta": params["rope_theta"]}
     if params.get("rope_type", "default") != "default":
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    if params.get("rope_type") == "longrope":  # Phi-3's configs keep it at the top level
+        out["original_max_position_embeddings"] = params["original_max_position_embeddings"]
     return out

@@ -24,7 +24,8 @@ sp group's global ranks. Backward sends the halo's dK/dV back to their owners, w
 their own. Rank 0 has no predecessor: no wrap-around, as at sp = 1. The attention itself is the
 plain kernel (``megalong.attention.s2_attention``) run on [halo ‖ local] keys with ``q_offset``.
 Full attention (evaluation) is the same exchange with chunks = documents (the halo can then be the whole
-prefix; the kernel still runs square and causal, with zero queries for the halo keys).
+prefix; the kernel still runs square and causal, with zero queries for the halo keys). A sliding window W
+(Mistral v0.1) bounds it: a query sees at most W - 1 earlier keys, so the halo is at most W - 1 tokens.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ from megalong.attention.layout import doc_starts, positions_in_doc, segments_fro
 
 
 # ----------------------------------------------------------------------------------- the plan
-def chunk_starts(pos_in_doc: np.ndarray, group_size: int | None, offset: int) -> np.ndarray:
-    """(B, N) global index of the first token of each token's chunk.
+def chunk_starts(pos_in_doc: np.ndarray, group_size: int | None, offset: int, window: int | None = None) -> np.ndarray:
+    """(B, N) global index of the first key each token's query can see.
 
     ``pos_in_doc`` (B, N): each token's position x inside its document. A chunk is the S²-Attn
-    group (cut where (x + offset) % G == 0) inside the document; without G, the document."""
+    group (cut where (x + offset) % G == 0) inside the document; without G, the document, cut to the
+    last ``window`` tokens when there is a sliding window (still non-decreasing along the row)."""
     idx = np.arange(pos_in_doc.shape[1])[None, :]
     if group_size is None:
-        return idx - pos_in_doc
+        start = idx - pos_in_doc
+        return start if window is None else np.maximum(start, idx - (window - 1))
     first_in_group = np.maximum(0, ((pos_in_doc + offset) // group_size) * group_size - offset)
     return idx - pos_in_doc + first_in_group
 
@@ -91,8 +94,10 @@ class HaloPlan:
         return sum(p.end - p.start for p in self.sends(half, rank))
 
 
-def make_plan(pos_in_doc: np.ndarray, sp: int, group_size: int | None, offsets: tuple[int, ...]) -> HaloPlan:
-    """The halo plan for rows with the given in-document positions (B, N), per head-half offset.
+def make_plan(pos_in_doc: np.ndarray, sp: int, group_size: int | None, offsets: tuple[int, ...],
+              window: int | None = None) -> HaloPlan:
+    """The halo plan for rows with the given in-document positions (B, N), per head-half offset
+    (``window``: full attention's sliding window, see ``chunk_starts``).
 
     Rows of a micro-batch share one plan (tensors need one halo length): a rank takes the earliest
     start any row needs; extra keys are harmless, the chunk layout never lets a query reach them.
@@ -103,7 +108,7 @@ def make_plan(pos_in_doc: np.ndarray, sp: int, group_size: int | None, offsets: 
     length = n // sp
     starts_all, pieces_all = [], []
     for off in offsets:
-        cs = chunk_starts(pos_in_doc, group_size, off)  # (B, N)
+        cs = chunk_starts(pos_in_doc, group_size, off, window)  # (B, N)
         starts = tuple(int(cs[:, r * length].min()) for r in range(sp))
         pieces = []
         for r in range(1, sp):
@@ -202,18 +207,21 @@ class SequenceParallelContext:
     def local_len(self) -> int:
         return self.pos_in_doc.shape[1] // self.sp
 
-    def plan(self, group_size: int | None) -> HaloPlan:
-        """The plan for S²-Attn with ``group_size`` (None: full attention), computed once per batch."""
-        if group_size not in self._plans:
+    def plan(self, group_size: int | None, window: int | None = None) -> HaloPlan:
+        """The plan for S²-Attn with ``group_size`` (None: full attention, with an optional sliding
+        ``window``), computed once per batch."""
+        key = (group_size, window if group_size is None else None)
+        if key not in self._plans:
             offsets = (0, group_size // 2) if group_size is not None else (0,)
-            self._plans[group_size] = make_plan(self.pos_in_doc.cpu().numpy(), self.sp, group_size, offsets)
-        return self._plans[group_size]
+            self._plans[key] = make_plan(self.pos_in_doc.cpu().numpy(), self.sp, group_size, offsets, key[1])
+        return self._plans[key]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
+               backend: str, scale: float | None, module: torch.nn.Module | None = None,
+               window: int | None = None, deterministic: bool = False) -> torch.Tensor:
         """What megalong's registered attention functions call under sequence parallelism
         (``megalong.attention`` stays free of distributed code): see ``halo_attention``."""
-        return halo_attention(query, key, value, self, group_size, backend, scale)
+        return halo_attention(query, key, value, self, group_size, backend, scale, window, deterministic)
 
     def key_slice(self, plan: HaloPlan, half: int) -> slice:
         end = (self.rank + 1) * self.local_len
@@ -247,7 +255,8 @@ def build_context(position_ids_full: torch.Tensor, segment_ids_full: torch.Tenso
 
 
 def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: SequenceParallelContext,
-                   group_size: int | None, backend: str, scale: float | None) -> torch.Tensor:
+                   group_size: int | None, backend: str, scale: float | None, window: int | None = None,
+                   deterministic: bool = False) -> torch.Tensor:
     """Sequence-parallel S²-Attn (or, with ``group_size`` None, full attention) of this rank's queries.
 
     Args:
@@ -256,6 +265,9 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         group_size: S²-Attn G; None for full causal attention.
         backend: the local kernel ("sdpa", "flash", "reference").
         scale: softmax scale.
+        window: full attention's sliding window (the model's ``sliding_window``; None: none). S²-Attn
+            groups never exceed it (checked before training), so it only matters for full attention.
+        deterministic: flash backend: flash-attn's deterministic backward.
 
     Returns:
         (B, H, L, D_v), equal to the rows [rL, (r+1)L) of single-process attention over the whole row.
@@ -263,7 +275,7 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     from megalong.attention.s2attn import full_attention, s2_attention
 
     num_heads, num_kv = query.shape[1], key.shape[1]
-    plan = ctx.plan(group_size)
+    plan = ctx.plan(group_size, window)
     if group_size is None:
         halves = [(0, num_heads, 0, num_kv, 0)]  # (q_start, q_end, kv_start, kv_end, plan half)
     else:
@@ -289,11 +301,12 @@ def halo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             q = query[:, q0:q1]
             if halo:
                 q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], halo, q.shape[3]), q], dim=2)
-            out = full_attention(q, k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale)[:, :, halo:]
+            out = full_attention(q, k_ext, v_ext, backend=backend, segment_ids=seg, scale=scale, window=window,
+                                 deterministic=deterministic)[:, :, halo:]
         else:
             out = s2_attention(query[:, q0:q1], k_ext, v_ext, group_size, backend=backend, scale=scale,
                                q_offset=halo, positions=ctx.pos_in_doc[:, keys].to(query.device),
                                segment_ids=ctx.doc_ids[:, keys].to(query.device),
-                               heads=HeadLayout(num_heads, num_kv, q0))
+                               heads=HeadLayout(num_heads, num_kv, q0), deterministic=deterministic)
         outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -74,8 +74,10 @@ class UlyssesContext:
     position_ids: torch.Tensor
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """This rank's (B, H, L, D) attention output; q (B, H, L, D), k/v (B, H_kv, L, D) local slices."""
+               backend: str, scale: float | None, module: torch.nn.Module | None = None,
+               window: int | None = None, deterministic: bool = False) -> torch.Tensor:
+        """This rank's (B, H, L, D) attention output; q (B, H, L, D), k/v (B, H_kv, L, D) local slices.
+        ``window``: full attention's sliding window over the whole row (None: none)."""
         from megalong.attention.s2attn import full_attention, s2_attention
 
         b, h, length, d = query.shape
@@ -91,9 +93,10 @@ class UlyssesContext:
 
         def core(q, k, v):
             if group_size is None:
-                return full_attention(q, k, v, backend=backend, segment_ids=docs, scale=scale)
+                return full_attention(q, k, v, backend=backend, segment_ids=docs, scale=scale, window=window,
+                                      deterministic=deterministic)
             return s2_attention(q, k, v, group_size, backend=backend, segment_ids=docs, scale=scale,
-                                positions=pos, heads=heads)
+                                positions=pos, heads=heads, deterministic=deterministic)
 
         holder = module if module is not None else torch.nn.Module()
         saved = holder.__dict__.get("num_key_value_groups", None)

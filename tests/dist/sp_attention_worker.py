@@ -23,6 +23,7 @@ from megalong.parallel.s2_halo import HaloStats, build_context, halo_attention
 from megalong.parallel.ulysses import build_ulysses_context
 
 # b, heads, kv heads, n, G (None: full attention), document cuts per row, left/right padding per row
+# [, full attention's sliding window (Mistral v0.1's sliding_window, shorter than the row)]
 CASES = [
     ("L=2G", 1, 4, 2, 64, 8, [[]], None),
     ("L not multiple of G, MQA", 1, 4, 1, 72, 16, [[]], None),
@@ -33,6 +34,8 @@ CASES = [
     ("left and right padding", 2, 4, 2, 48, 16, [[], []], [("left", 7), ("right", 9)]),
     ("full attention, documents", 2, 4, 2, 48, None, [[20], [7, 30]], None),
     ("odd heads", 1, 3, 3, 64, 8, [[]], None),
+    ("full attention, window 9 < L", 1, 4, 2, 48, None, [[]], None, 9),
+    ("full attention, window 30 over ranks, documents", 2, 4, 2, 48, None, [[20], [7, 30]], None, 30),
 ]
 # Ulysses splits heads: H divisible by sp, H_kv divisible by sp or sp by H_kv (DeepSpeed repeats K/V)
 ULYSSES_CASES = [
@@ -42,6 +45,7 @@ ULYSSES_CASES = [
     ("L<G, N not multiple of G", 1, 4, 2, 40, 16, [[]], None),
     ("left and right padding", 2, 8, 4, 48, 16, [[], []], [("left", 7), ("right", 9)]),
     ("full attention, documents, GQA 8/2", 2, 8, 2, 48, None, [[20], [7, 30]], None),
+    ("full attention, window 13, documents, GQA 8/2", 2, 8, 2, 48, None, [[20], [7, 30]], None, 13),
 ]
 
 
@@ -68,14 +72,15 @@ class _Attn(torch.nn.Module):
 
 
 def run_case(case, dims, stats, mode="halo"):
-    name, b, h, hk, n, g, cuts, padding = case
+    name, b, h, hk, n, g, cuts, padding, *rest = case
+    window = rest[0] if rest else None
     gen = torch.Generator().manual_seed(n * 31 + h)
     q, k, v = (torch.randn(b, x, n, 16, generator=gen, dtype=torch.float32) for x in (h, hk, hk))
     grad_out = torch.randn(b, h, n, 16, generator=gen)
     seg = _segments(b, n, cuts, padding)
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
     if g is None:
-        want = full_attention(qr, kr, vr, segment_ids=seg, backend="reference")
+        want = full_attention(qr, kr, vr, segment_ids=seg, backend="reference", window=window)
     else:
         want = s2_attention(qr, kr, vr, g, segment_ids=seg, backend="reference")
     want.backward(grad_out)
@@ -88,10 +93,11 @@ def run_case(case, dims, stats, mode="halo"):
     errs = {}
     if mode == "ulysses":
         module = _Attn(h // hk)
-        out = build_ulysses_context(pos_ids, seg, dims, loc).attend(ql, kl, vl, g, "sdpa", None, module=module)
+        out = build_ulysses_context(pos_ids, seg, dims, loc).attend(ql, kl, vl, g, "sdpa", None, module=module,
+                                                                    window=window)
         errs["kv_groups_kept"] = float(module.num_key_value_groups == h // hk)
     else:
-        out = halo_attention(ql, kl, vl, build_context(pos_ids, seg, dims, stats=stats), g, "sdpa", None)
+        out = halo_attention(ql, kl, vl, build_context(pos_ids, seg, dims, stats=stats), g, "sdpa", None, window)
     out.backward(grad_out[:, :, loc])
     for label, got, ref in (("out", out, want[:, :, loc]), ("dq", ql.grad, qr.grad[:, :, loc]),
                             ("dk", kl.grad, kr.grad[:, :, loc]), ("dv", vl.grad, vr.grad[:, :, loc])):
@@ -149,6 +155,40 @@ def run_model(dims) -> dict:
     return out
 
 
+def run_window_model(dims) -> dict:
+    """A tiny Mistral with sliding_window = 12 < the 48-token row, full attention (evaluation, or
+    attention.train=full): the last hidden states of this rank's tokens under both sp modes equal one
+    process's, where transformers applies the window; ``cut`` shows the window changes them."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megalong.attention import use_full_attention
+    from megalong.models import decoder_of
+    from megalong.parallel.sharding import shard_batch
+
+    def tiny(window):
+        cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            sliding_window=window, initializer_range=0.2)
+        torch.manual_seed(0)
+        return use_full_attention(MistralForCausalLM(cfg).float().eval())
+
+    model, unwindowed = tiny(12), tiny(None)
+    b, n = 2, 48
+    ids = torch.randint(0, 97, (b, n + 1), generator=torch.Generator().manual_seed(7))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    loc = slice(dims.sp_rank * (n // dims.sp), (dims.sp_rank + 1) * (n // dims.sp))
+    with torch.no_grad():
+        want = decoder_of(model)(input_ids=batch["input_ids"]).last_hidden_state[:, loc]
+        plain = decoder_of(unwindowed)(input_ids=batch["input_ids"]).last_hidden_state[:, loc]
+        out = {"cut": float((want - plain).abs().max() / want.abs().max())}
+        for mode in ("s2_halo", "ulysses"):
+            part = shard_batch(dict(batch), dims, doc_mask=False, sp_mode=mode)
+            got = decoder_of(model)(input_ids=part["input_ids"], position_ids=part["position_ids"],
+                                    sp_context=part["sp_context"]).last_hidden_state
+            out[mode] = float((got - want).abs().max() / want.abs().max())
+    return out
+
+
 def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "halo"
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -166,6 +206,7 @@ def main() -> int:
         results[name] = {**errs, "bytes_fwd": stats.forward_bytes, "bytes_bwd": stats.backward_bytes}
     if mode == "ulysses":
         results["model"] = run_model(dims)
+        results["window_model"] = run_window_model(dims)
     print("RESULT " + json.dumps({"rank": dims.rank, "results": results}))
     dist.barrier()
     dist.destroy_process_group()

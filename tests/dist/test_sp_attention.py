@@ -2,12 +2,14 @@
 
 Outputs and dq, dk, dv of every rank's slice, fp32, relative to the largest reference value.
 Halo exchange: L ≥ G and L < G (groups over 2 and 3 ranks), N not a multiple of G, GQA 9/3, MQA, odd
-head count, documents anywhere (at a rank boundary, inside a halo), left/right padding, full attention.
+head count, documents anywhere (at a rank boundary, inside a halo), left/right padding, full attention,
+full attention with a sliding window shorter than the row (the halo is then only window - 1 keys).
 Ulysses (DeepSpeed's all-to-all around megalong's kernel; the shifted half by the global head index):
 MHA, KV heads ≥ sp and < sp (DeepSpeed repeats them; the module's ``num_key_value_groups`` must come
-back unchanged), MQA, L < G, documents, padding, full attention; and a tiny MQA Llama: one Ulysses
+back unchanged), MQA, L < G, documents, padding, full attention (also with a sliding window); and a tiny MQA Llama: one Ulysses
 training step (token-loss sum and every gradient summed over the group equal one process over the whole
-row, packed documents with restarting positions), then a plain evaluation without sequence parallelism.
+row, packed documents with restarting positions), then a plain evaluation without sequence parallelism;
+and a tiny Mistral with a sliding window shorter than the row under full attention, both sp modes.
 """
 
 from __future__ import annotations
@@ -54,13 +56,19 @@ def test_halo_attention_equals_single_process(world, tmp_path):
     assert first[world - 1]["bytes_fwd"] == 0  # the last rank sends to nobody
     assert all(first[r]["bytes_fwd"] == per_boundary for r in range(world - 1)), first
     assert first[0]["bytes_bwd"] == 0 and all(first[r]["bytes_bwd"] == per_boundary for r in range(1, world))
+    # full attention with a sliding window of 9 < L: each rank needs only the previous rank's last 8 keys
+    windowed = {r["rank"]: r["results"]["full attention, window 9 < L"]["bytes_fwd"] for r in ranks}
+    assert windowed == {r: 0 if r == world - 1 else 2 * 8 * hk * d * 4 for r in range(world)}, windowed
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_attention_equals_single_process(world, tmp_path):
     ranks = _spawn(world, tmp_path, "ulysses")
     names = set(ranks[0]["results"])
-    assert len(names) == 7, names
+    assert len(names) == 9, names
+    windows = [rank["results"].pop("window_model") for rank in ranks]  # Mistral, window 12 < 48 tokens
+    assert max(w["cut"] for w in windows) > 1e-3, windows  # the window changes the later ranks' tokens
+    assert all(max(w["s2_halo"], w["ulysses"]) <= TOL for w in windows), (world, windows)
     for rank in ranks:
         model = rank["results"].pop("model")  # a tiny MQA Llama: one training step, then plain evaluation
         assert model["count"] == 1.0 and model["kv_groups_kept"] == 1.0, model

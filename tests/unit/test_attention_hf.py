@@ -246,3 +246,29 @@ def test_odd_group_size_is_rejected_before_switching():
     with pytest.raises(ValueError, match="odd"):
         use_s2_attention(model, 7)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_flash_backend_through_transformers(family, flash_standin):
+    """backend=flash on flash-attn's interface (CPU stand-in): a bf16 model with a packed row (S²-Attn for
+    training, full attention for evaluation) equals the reference backend in logits and gradients, and
+    attention.deterministic reaches every kernel call."""
+    ids, segment_ids, position_ids = _packed()
+    for mode in ("s2", "full"):
+        results = []
+        for backend in ("flash", "reference"):
+            model = _model(family, seed=2).to(torch.bfloat16).train()
+            if mode == "s2":
+                use_s2_attention(model, G, backend=backend, deterministic=True)
+            else:
+                use_full_attention(model, backend=backend, deterministic=True)
+            logits = model(ids, segment_ids=segment_ids, position_ids=position_ids).logits.float()
+            logits.square().mean().backward()
+            grads = [p.grad.float() for p in model.parameters() if p.grad is not None]
+            results.append((logits.detach(), grads))
+        (got, got_grads), (want, want_grads) = results
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+        assert len(got_grads) == len(want_grads)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, atol=3e-2 * float(b.abs().max()), rtol=5e-2)
+    assert flash_standin and all(c["deterministic"] is True and c["fn"] == "varlen" for c in flash_standin)

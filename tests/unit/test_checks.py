@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megalong.config import load_config
 from megalong.config.schema import ConfigError
@@ -106,7 +107,8 @@ def test_broken_recipes_fail_both_with_the_same_errors(case, model_dirs, assets)
 
 
 def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
-    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets,
+                  ["--attention.backend=flash", "--train.dtype=bf16"])
     from megalong.engine.setup import base_hf_config
 
     hf, _ = base_hf_config(cfg)
@@ -115,6 +117,36 @@ def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
     assert checks.errors(checks.run_checks(cfg, hf, 2, "cuda", 512)) == []
     with pytest.raises(ConfigError, match="needs CUDA GPUs"):
         Trainer(cfg).preflight(2, "cpu")
+
+
+def test_flash_with_fp32_is_refused_before_the_first_forward(model_dirs, assets):
+    """flash-attn has no fp32 kernels: tiny_cpu.yaml (fp32) with backend=flash fails the checks on GPUs too."""
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])
+    dry, trainer = _verdicts(cfg, 2)
+    assert trainer == ["attention: attention.backend=flash runs in fp16/bf16 only (flash-attn has no fp32 kernels) "
+                       "but train.dtype=fp32: set train.dtype=bf16, or attention.backend=sdpa to train in fp32"]
+    _same(dry, trainer)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_position_dependent_rope_is_refused_under_sp(model_dirs, assets, rope_type):
+    """transformers picks dynamic/longrope frequencies from max(position_ids) + 1 of the forward: rank 0's
+    slice [0, L) of a 4L-token row (L = the base's 256) rotates unlike the whole row, so sp > 1 is refused."""
+    from megalong.engine.setup import base_hf_config
+    from megalong.models import create_model
+
+    extra = ["--parallel.sp=4", "--attention.group_size=128", f"--rope.type={rope_type}"]
+    if rope_type == "longrope":
+        extra.append("--rope.extra={short_factor: [1, 1, 1, 1, 1, 1, 1, 1], long_factor: [1, 2, 3, 4, 5, 6, 7, 8]}")
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, extra)
+    dry, trainer = _verdicts(cfg, 4)
+    assert len(trainer) == 1 and f"rope_type={rope_type}" in trainer[0] and "use parallel.sp=1" in trainer[0]
+    _same(dry, trainer)
+    hf, _ = base_hf_config(cfg)
+    x, pos = torch.zeros(1, 1), torch.arange(cfg.data.max_seq_len)[None]
+    whole, _ = create_model(hf).model.rotary_emb(x, pos)  # one process, the whole row
+    rank0, _ = create_model(hf).model.rotary_emb(x, pos[:, :256])  # rank 0's slice, a fresh process
+    assert not torch.allclose(rank0, whole[:, :256], atol=1e-4)
 
 
 def test_dry_run_exit_code_follows_the_verdict(model_dirs, assets, tmp_path):

@@ -46,6 +46,28 @@ def test_big_recipes_say_what_longlora_did():
     assert sft.data.kind == "sft"
 
 
+LONGLORA_RECIPES = ["llama2_7b_100k", "llama2_13b_64k", "llama2_70b_32k", "llama2_7b_256k_sp", "llama2_7b_sft_32k",
+                    "pilot/extend_gpu_7b"]
+
+
+@pytest.mark.parametrize("name", LONGLORA_RECIPES)
+def test_longlora_recipes_use_its_optimizer_and_cite_each_value(name):
+    """LongLoRA trains with HF Trainer's adamw_torch at its defaults (betas 0.9/0.999; stage2.json defines no
+    optimizer), lr 2e-5 (7B/13B) or 1e-5 (70B), no weight decay, 20 warm-up steps then constant, clip 1.0;
+    every such value in the recipe carries its source as a comment."""
+    path = RECIPES[0].parent / f"{name}.yaml"
+    t = load_config(path).train
+    assert (tuple(t.betas), t.eps, t.weight_decay, t.warmup_steps, t.schedule, t.grad_clip) == (
+        (0.9, 0.999), 1e-8, 0.0, 20, "constant", 1.0)
+    assert t.lr == (1e-5 if "70b" in name else 2e-5)
+    keys = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "grad_clip", "micro_batch_size",
+            "grad_accum", "max_steps", "dtype", "r", "trainable", "group_size_ratio")
+    for line in path.read_text().splitlines():
+        key = line.strip().split(":")[0]
+        if line.startswith("  ") and key in keys:
+            assert "#" in line, (name, line)
+
+
 def test_overrides_and_impossible_configs(tmp_path):
     path = RECIPES[0].parent / "tiny_cpu.yaml"
     cfg = load_config(path, ["--train.max_steps=3", "--zero.stage=2", "--train.lr=2e-5"])

@@ -142,3 +142,22 @@ def test_changed_data_file_is_refused_with_its_name(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="micro × accum × dp equals the checkpoint's train_batch"):
         meta["fingerprint"]["train_batch"] = 4
         ckpt.check_compatible(meta, {"train_batch": 2})
+
+
+def test_attention_deterministic_reaches_every_layer():
+    """attention.deterministic (flash-attn's deterministic backward) is set on every attention module, for the
+    training and the evaluation attention alike."""
+    from megalong.attention.hf import SPEC_ATTR, attention_modules
+    from megalong.config import config_from_dict
+    from megalong.engine.setup import set_attention
+    from megalong.models import create_model
+    from tests.conftest import tiny_config
+
+    model = create_model(tiny_config("llama"))
+    for det in (True, False):
+        cfg = config_from_dict({"model": {"init_config": {"model_type": "llama"}}, "data": {"max_seq_len": 64},
+                                "attention": {"deterministic": det}})
+        for mode in ("train", "eval"):
+            set_attention(cfg, model, mode)
+            specs = [getattr(m, SPEC_ATTR) for m in attention_modules(model)]
+            assert len(specs) == 2 and all(s.deterministic is det for s in specs)

@@ -99,3 +99,24 @@ def test_full_attention_over_the_whole_prefix_plan():
         ks = slice(plan.halo_start[0][r], (r + 1) * 16)
         got = full_attention(q[:, :, r * 16:(r + 1) * 16], k[:, :, ks], v[:, :, ks], segment_ids=seg[:, ks])
         torch.testing.assert_close(got, want[:, :, r * 16:(r + 1) * 16], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [5, 13, 40])
+def test_full_attention_with_a_sliding_window_needs_window_minus_one_keys(window):
+    """A sliding window W bounds full attention's halo by W - 1 keys (and by the document start); each
+    simulated rank's queries over its halo ‖ keys, with the window, equal one process's rows."""
+    b, h, hk, n, sp, length = 2, 4, 2, 48, 3, 16
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(b, x, n, 8, generator=gen, dtype=torch.float64) for x in (h, hk, hk))
+    seg = _docs(b, n, [[20], [7, 30]])
+    want = full_attention(q, k, v, segment_ids=seg, backend="reference", window=window)
+    plan = make_plan(_pos(seg).numpy(), sp, None, (0,), window=window)
+    starts = chunk_starts(_pos(seg).numpy(), None, 0)  # document starts: the plan without a window
+    for r in range(sp):
+        first = int(starts[:, r * length].min())
+        assert plan.halo_start[0][r] == max(first, r * length - (window - 1))
+        ks = slice(plan.halo_start[0][r], (r + 1) * length)
+        halo = plan.halo_len(0, r)
+        qz = torch.cat([q.new_zeros(b, h, halo, 8), q[:, :, r * length:(r + 1) * length]], dim=2)
+        got = full_attention(qz, k[:, :, ks], v[:, :, ks], segment_ids=seg[:, ks], window=window)[:, :, halo:]
+        torch.testing.assert_close(got, want[:, :, r * length:(r + 1) * length], rtol=1e-10, atol=1e-10)
