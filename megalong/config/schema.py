@@ -128,6 +128,10 @@ class AttentionConfig:
     """G as a fraction of ``data.max_seq_len`` when ``group_size`` is unset (LongLoRA: 1/4)."""
     eval: str = "full"
     """Attention used for evaluation: ``full`` or ``s2``."""
+    full_last_steps: int = 0
+    """Train the last this many steps with full attention instead of ``train`` (0: never). With S²-Attn
+    before it, the model meets the full attention it is evaluated with before training ends (aimed at S²-Attn
+    models that do not use context beyond a group, docs/BENCHMARKS.md)."""
     deterministic: bool = False
     """``backend=flash``: ask flash-attn for its deterministic backward (slower; its default accumulates dq in
     a varying order, so the same seed gives slightly different gradients). SDPA on GPUs: set
@@ -144,6 +148,7 @@ class AttentionConfig:
                 f"use {max(2, self.group_size + self.group_size % 2)}",
             )
         _check(0 < self.group_size_ratio <= 1, "attention.group_size_ratio must be in (0, 1]")
+        _check(self.full_last_steps >= 0, "attention.full_last_steps must be >= 0 (0: never switch)")
 
 
 LORA_TRAINABLE = ("embed", "norm", "lm_head")

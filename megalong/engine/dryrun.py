@@ -266,7 +266,8 @@ def memory_inputs(cfg: Config, report: DryRunReport, hf: Any, gpu_memory_gb: flo
         cpu_checkpointing=t.cpu_checkpointing, offload_activations=t.offload_activations,
         tiled_mlp=t.tiled_mlp, tiled_mlp_shards=t.tiled_mlp_shards,
         # short attention holds the same groups as S²-Attn: the same memory
-        attention="full" if cfg.attention.backend == "reference" or cfg.attention.train == "full" else "s2",
+        attention="full" if (cfg.attention.backend == "reference" or cfg.attention.train == "full"
+                             or cfg.attention.full_last_steps) else "s2",  # full_last_steps: the peak is full's
         group_size=cfg.group_size,
         attention_kernel="eager" if cfg.attention.backend == "reference" else "flash",
         dtype=t.dtype, lora=cfg.lora.enabled, lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),

@@ -157,10 +157,10 @@ def materialize_base_model(cfg: Config, run_dir: Path, tokenizer, is_main: bool,
 
 
 def set_attention(cfg: Config, model: nn.Module, mode: str) -> None:
-    """Switch the model to the training (S²-Attn, short or full) or evaluation attention."""
+    """Switch the model to the training (S²-Attn, short or full), evaluation, or ``full`` attention."""
     from megalong.attention import use_full_attention, use_s2_attention
 
-    kind = cfg.attention.train if mode == "train" else cfg.attention.eval
+    kind = {"train": cfg.attention.train, "eval": cfg.attention.eval}.get(mode, mode)
     if kind in ("s2", "short"):  # short: the same groups and kernel, no shifted heads
         use_s2_attention(model, cfg.group_size, backend=cfg.attention.backend, shift=kind == "s2",
                          deterministic=cfg.attention.deterministic)

@@ -70,6 +70,8 @@ class Trainer:
         self.engine = None
         self._stop_signal: int | None = None
         self._last_saved_step = -1
+        self.train_attention = "train"
+        """``train`` (attention.train) or ``full`` once attention.full_last_steps switched it."""
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
@@ -195,6 +197,7 @@ class Trainer:
         end = ("done", None)
         try:
             while self.step < cfg.train.max_steps:
+                self._switch_to_full_attention()
                 last = self.train_step()
                 self.step += 1
                 self.consumed_samples += self.batch.train_batch
@@ -222,6 +225,16 @@ class Trainer:
             metrics.close()
             bar.close()
         return last
+
+    def _switch_to_full_attention(self) -> None:
+        """attention.full_last_steps: from step max_steps - K on, train with full attention."""
+        k = self.cfg.attention.full_last_steps
+        if k and self.train_attention != "full" and self.step >= self.cfg.train.max_steps - k:
+            self.train_attention = "full"
+            build.set_attention(self.cfg, self.model, mode="full")
+            if self.is_main:
+                log.info("attention.full_last_steps=%d: steps %d..%d train with full attention (before: %s)", k,
+                         self.step + 1, self.cfg.train.max_steps, self.cfg.attention.train)
 
     def _lost_rank(self, exc: BaseException, beat: liveness.Heartbeat) -> liveness.LostRankError | None:
         """A LostRankError naming the peer that made the collective ``exc`` fail, if one is shown to be gone."""
@@ -296,6 +309,7 @@ class Trainer:
             "mem_gb": round(peak_memory_gb(), 3),
             "skipped": not applied,
             "halo_mb": None if halo is None else round(halo / 2**20, 3),
+            "attention": self.cfg.attention.train if self.train_attention == "train" else self.train_attention,
             "stop_signal": bool(stop_any),
         }
 
@@ -352,7 +366,7 @@ class Trainer:
                 loss += float(s)
                 count += float(c)
         finally:
-            build.set_attention(self.cfg, self.model, mode="train")
+            build.set_attention(self.cfg, self.model, mode=self.train_attention)
             module.train()
         loss, count = self._all_reduce([loss, count])
         val = loss / max(1.0, count)

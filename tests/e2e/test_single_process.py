@@ -28,7 +28,7 @@ def test_plain_python_trains_and_saves(assets, tmp_path):
     for key in ("MEGALONG_CPU_MALLOC", "LD_PRELOAD"):  # the launch path's default allocator policy
         env.pop(key, None)
     cmd = [sys.executable, "launch/pretrain_extend.py", "--config", str(cfg_path), "--train.max_steps=2",
-           "--checkpoint.save_interval=2", "--train.eval_interval=0"]
+           "--checkpoint.save_interval=2", "--train.eval_interval=0", "--attention.full_last_steps=1"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     clean_shm()
     out = res.stdout + res.stderr
@@ -38,5 +38,7 @@ def test_plain_python_trains_and_saves(assets, tmp_path):
         assert "allocator: glibc with a fixed mmap threshold" in out, out[-4000:]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] > 0 for r in recs)
+    assert [r["attention"] for r in recs] == ["s2", "full"]  # attention.full_last_steps=1 switched the last step
+    assert "steps 2..2 train with full attention (before: s2)" in out
     tag = (run / "checkpoints" / "latest").read_text()
     assert tag == "step_00000002" and ckpt.read_meta(run / "checkpoints", tag)["world_size"] == 1
