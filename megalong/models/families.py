@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 TESTED_FAMILIES = ("llama", "mistral", "qwen2")
 
+# Fused projections some families use (Phi-3: one qkv_proj, one gate_up_proj): a LoRA target named
+# after a part (q_proj) means the fused module that computes it (qkv_proj) when the model has no
+# module of the part's name (megalong.lora.plus.resolve_lora_targets).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 
 def check_family(hf_config: Any) -> None:
     """Warn on untested families; reject configs S²-Attn cannot run on."""
