@@ -51,7 +51,55 @@ def check_family(hf_config: Any) -> None:
 
 
 def sliding_window_of(hf_config: Any) -> int | None:
-    """Mistral-style sliding window, if the config enables one."""
+    """The sliding window, if the config enables one: on every layer (Mistral, Phi-3) or on the layers
+    ``layer_types`` marks ``sliding_attention`` (Gemma 3, Qwen2/3 with ``use_sliding_window``)."""
     if getattr(hf_config, "use_sliding_window", True) is False:
         return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
     return getattr(hf_config, "sliding_window", None)
+
+
+_LOGIT_SCALES = ("logit_scale", "logits_scaling")  # Cohere multiplies the logits, Granite divides them
+
+
+def unsupported_features(hf_config: Any) -> list[tuple[str, str]]:
+    """(level, message) for each part of this model megalong's attention or loss would not reproduce.
+
+    megalong's attention (S²-Attn and full, every backend) is causal softmax attention with the scale
+    the model passes; its chunked loss computes ``lm_head(hidden)`` and Gemma's final logit softcapping
+    (megalong.engine.loss), nothing else.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    out = []
+    cap = getattr(hf_config, "attn_logit_softcapping", None)
+    if cap is not None and model_type == "gemma3_text":
+        out.append(("warn", f"attn_logit_softcapping={cap} is set, but transformers' Gemma 3 attention never "
+                            "applies it (it is a Gemma 2 field) and neither does megalong: results equal stock "
+                            "transformers; set it to null in config.json to silence this"))
+    elif cap is not None:
+        out.append(("error", f"{model_type} caps attention logits (attn_logit_softcapping={cap}, tanh before the "
+                             "softmax); megalong's S²-Attn and full-attention kernels (sdpa, flash) compute plain "
+                             "softmax attention, so training and evaluation would silently change the model. "
+                             "Not supported: use a family without attention soft-capping (Gemma 3 replaced it by "
+                             "q/k norms)"))
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        out.append(("error", f"{model_type} has use_bidirectional_attention=true; megalong's attention is causal "
+                             "only (S²-Attn groups are causal). Set it to false for a decoder LM"))
+    for name in _LOGIT_SCALES:
+        value = getattr(hf_config, name, None)
+        if value not in (None, 1, 1.0):
+            out.append(("error", f"{model_type} rescales its logits ({name}={value}); megalong's chunked loss "
+                                 "computes lm_head(hidden) without it, so the trained loss would not be the model's. "
+                                 "Not supported yet"))
+    return out
+
+
+def rope_hint(hf_config: Any) -> str:
+    """What to do when transformers rejects a family's config with the run's RoPE scaling."""
+    if getattr(hf_config, "model_type", None) == "phi3":
+        return ("Phi-3 configs take only rope_type default or longrope, so a linear/dynamic/yarn Phi-3 would train "
+                "but its export could not be saved or loaded: set rope.type=none (keeps the base's RoPE; "
+                "Phi-3-*-128k ship longrope) or rope.type=longrope")
+    return "choose a rope.type this family's config accepts, or rope.type=none"
