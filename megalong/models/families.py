@@ -1,22 +1,37 @@
 """Per-family notes: which HF decoders megalong has tested, and what differs between them.
 
-| family  | GQA | notes                                                                        |
-|---------|-----|------------------------------------------------------------------------------|
-| llama   | yes | Llama 2 (MHA, 4k, untied) / Llama 3 (GQA, rope_theta 5e5, llama3 rope type; |
-|         |     | 3.2-1B/3B tie lm_head to embed) / SmolLM (9 query over 3 KV heads, tied)    |
-| mistral | yes | sliding_window in config: S²-Attn groups must fit inside it                 |
-| qwen2   | yes | q/k/v biases (LoRA targets unchanged); small sizes tie lm_head/embed        |
+| family      | GQA | notes                                                                          |
+|-------------|-----|--------------------------------------------------------------------------------|
+| llama       | yes | Llama 2 (MHA, 4k, untied) / Llama 3 (GQA, rope_theta 5e5, llama3 rope type;   |
+|             |     | 3.2-1B/3B tie lm_head to embed) / SmolLM (9 query over 3 KV heads, tied)      |
+| mistral     | yes | sliding_window in config: S²-Attn groups must fit inside it                   |
+| qwen2       | yes | q/k/v biases (LoRA targets unchanged); small sizes tie lm_head/embed          |
+| qwen3       | yes | per-head q_norm/k_norm inside attention: norms, so LoRA+ trains them;         |
+|             |     | head_dim is its own (H·D != hidden); small sizes tied                          |
+| gemma3_text | yes | Gemma3ForCausalLM: sliding layers (window; G must fit inside it) between      |
+|             |     | global ones; RoPE per layer type (PI scales the global layers' only); scale   |
+|             |     | query_pre_attn_scalar^-0.5 (passed to the kernels); embedding × sqrt(hidden)  |
+|             |     | and (1 + w) norms are the model's own (trained and exported as stored);       |
+|             |     | q/k norms; tied; 262k vocabulary (memory plan: gemma3-4b); final logit cap    |
+|             |     | applied by the chunked loss; attention soft-capping and bidirectional refused |
+| phi3        | yes | fused qkv_proj / gate_up_proj: LoRA targets q,k,v -> qkv_proj (--dry-run shows |
+|             |     | them); its config takes only default/longrope RoPE: linear PI refused         |
 
-All three route attention through transformers' AttentionInterface, which is how S²-Attn is
+All of them route attention through transformers' AttentionInterface, which is how S²-Attn is
 plugged in (megalong.attention). Other decoders that do the same usually work; they get a warning.
+What megalong cannot reproduce is refused by the run checks (``unsupported_features``: attention logit
+soft-capping as in Gemma 2, bidirectional attention, logit scales; and any config the family's own
+validation rejects once the run's RoPE is applied).
 
 Tied embeddings (``tie_word_embeddings``): the output head's weight *is* the input embedding, so
 LoRA+ trains one tensor. DeepSpeed's checkpoint reader names it twice; the exports write it once
 (merged dir: no ``lm_head.weight``, config keeps the tie; adapter: both modules in
-``modules_to_save`` with ``ensure_weight_tying``). Every row above — Llama 2, Llama 3 (tied),
-Mistral (window), Qwen2 (biases, tied), 9/3 heads (tied) — is trained through the ``deepspeed``
-launcher, exported both ways and reloaded in stock transformers/peft with equal logits in
-tests/e2e/test_families.py.
+``modules_to_save`` with ``ensure_weight_tying``). Every row above — Llama 2, Llama 3 (tied, 9/3
+heads), Mistral (window), Qwen2 (biases, tied), Qwen3 (q/k norms, tied), Gemma 3 (sliding + global
+layers, tied), Phi-3 (fused projections) — is trained through the ``deepspeed`` launcher, exported
+both ways and reloaded in stock transformers/peft with equal logits in tests/e2e/test_families.py;
+Qwen3, Gemma 3 and Phi-3 also train one step under sp=2 (halo and Ulysses) equal to one process
+(tests/dist/test_sp_attention.py).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from megalong.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
-TESTED_FAMILIES = ("llama", "mistral", "qwen2")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
 # Fused projections some families use (Phi-3: one qkv_proj, one gate_up_proj): a LoRA target named
 # after a part (q_proj) means the fused module that computes it (qkv_proj) when the model has no
