@@ -54,6 +54,14 @@ FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
 def check_family(hf_config: Any) -> None:
     """Warn on untested families; reject configs S²-Attn cannot run on."""
     model_type = getattr(hf_config, "model_type", None)
+    if getattr(hf_config, "text_config", None) is not None and getattr(hf_config, "num_attention_heads", None) is None:
+        raise ConfigError(
+            f"model_type={model_type!r} is a multimodal model (its decoder is under text_config, "
+            f"{getattr(hf_config.text_config, 'model_type', '?')}); megalong extends text decoders: use a text "
+            "checkpoint of the family (Gemma 3: model_type gemma3_text / Gemma3ForCausalLM, e.g. gemma-3-1b), or "
+            "save this model's language model on its own (text_config + its weights) and point model.name_or_path "
+            "there"
+        )
     if model_type not in TESTED_FAMILIES:
         log.warning(
             "model_type=%r is not among the tested families %s; it will work if its attention goes "

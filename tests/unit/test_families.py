@@ -98,6 +98,15 @@ def test_sliding_window_per_layer_type():
     assert sliding_window_of(tiny_config("phi3", sliding_window=40, **PHI3)) == 40  # every layer
 
 
+def test_multimodal_gemma3_is_refused_with_the_text_decoder_as_the_fix():
+    """google/gemma-3-4b and larger are Gemma3ForConditionalGeneration (model_type gemma3): no top-level heads."""
+    from megalong.models.families import check_family
+    from megalong.utils.model_shapes import hf_config_from_dict
+
+    with pytest.raises(ConfigError, match="gemma3_text / Gemma3ForCausalLM"):
+        check_family(hf_config_from_dict({"model_type": "gemma3"}))
+
+
 def _cfg(family: str, rope: str = "linear", group: int = 32, **init):
     base = {**dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, model_type=family), **init}
