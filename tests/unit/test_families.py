@@ -50,7 +50,7 @@ def test_unfused_families_keep_their_targets_and_unknown_names_fail():
         resolve_lora_targets(llama, ["qkv_proj"])
 
 
-def test_phi3_adapters_sit_on_the_fused_projections_and_merge_back(phi3, tmp_path):
+def test_phi3_adapters_sit_on_the_fused_projections_and_merge_back(tmp_path):
     from peft import PeftModel
 
     from megalong.lora import export_peft_adapter, merge_lora
