@@ -144,6 +144,33 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return step_metric(run_dir, "loss")
 
 
+def check_launcher_run(run: Path, world: int, steps: int, output: str | None = None) -> None:
+    """What every launcher run of the tiny recipes leaves (micro batch 2, 128 tokens, a save every 2 steps):
+    metrics per step, the rendered DeepSpeed JSON, a complete last checkpoint with every rank's RNG state,
+    the base model dir; with ``output``: one progress line per step from rank 0 (not a terminal)."""
+    from megalong.engine import checkpoint as ckpt
+
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    for r in recs:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gb"):
+            assert key in r, key
+        assert r["tokens"] == 2 * world * 128 and r["loss"] > 0 and r["tokens_per_s"] > 0
+    tag = (run / "checkpoints" / "latest").read_text()
+    meta = ckpt.read_meta(run / "checkpoints", tag)
+    assert tag == f"step_{steps:08d}" and meta["world_size"] == world and meta["consumed_samples"] == steps * 2 * world
+    assert (run / "config.yaml").is_file() and json.loads((run / "ds_config.json").read_text())[
+        "train_batch_size"] == 2 * world
+    for r in range(world):
+        assert (run / "checkpoints" / tag / f"rng_rank{r}.safetensors").is_file()
+    assert (run / "base_model" / "config.json").is_file()  # the tiny recipe's base saved as an HF dir
+    if output is not None:
+        assert "run directory:" in output
+        lines = [ln for ln in output.splitlines() if "| loss " in ln and " train " in ln]
+        assert [ln.split(" train ")[1].split(" ")[0] for ln in lines] == [f"{i}/{steps}" for i in range(1, steps + 1)]
+        assert "ETA" in lines[0] and "tok s" in lines[0] and "elapsed" in lines[-1] and "rank0" in lines[0]
+
+
 def trained_weights(run_dir: Path, tag: str = "latest") -> dict:
     """fp32 trained tensors of a run's checkpoint (any ZeRO stage / rank count)."""
     from megalong.engine.export import open_checkpoint, trained_tensors

@@ -157,6 +157,27 @@ def check_rope_sp(cfg: Config, hf: Any) -> list[Finding]:
                                      "use parallel.sp=1, or rope.type=linear, yarn, llama3 or theta")]
 
 
+def check_model_features(hf: Any) -> list[Finding]:
+    """What the model does that megalong's attention or loss would not reproduce (megalong.models.families),
+    and the family's own validation of the config with the run's RoPE scaling (transformers runs it when
+    the export saves config.json: a config it rejects would train and then fail to export or load)."""
+    from megalong.models.families import rope_hint, unsupported_features
+
+    out = [Finding(level, "model", msg) for level, msg in unsupported_features(hf)]
+    validate = getattr(hf, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as e:  # transformers' strict validators raise their own classes
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            out.append(Finding("error", "rope", f"transformers' {type(hf).__name__} rejects this run's config "
+                                                f"(rope_parameters={getattr(hf, 'rope_parameters', None)}): {cause}; "
+                                                f"{rope_hint(hf)}"))
+    return out
+
+
 def check_vocab(hf: Any, tokenizer_vocab: int | None, tokenizer_name: str = "the tokenizer") -> list[Finding]:
     """Every token id the tokenizer can produce has an embedding row."""
     if tokenizer_vocab is None:
@@ -188,6 +209,7 @@ def run_checks(cfg: Config, hf: Any, world: int, accelerator: str = "cuda",
         *check_attention(cfg, hf, accelerator),
         *check_flash_dtype(cfg),
         *check_rope_sp(cfg, hf),
+        *check_model_features(hf),
         *check_vocab(hf, tokenizer_vocab, tokenizer_name),
     ]
 

@@ -58,6 +58,8 @@ class DryRunReport:
     suggestions: list[tuple[str, MemoryEstimate]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     accelerator: str = "cuda"
+    lora_targets: list[str] | None = None
+    """The modules LoRA adapts in this model (``lora.targets`` resolved; None without LoRA)."""
 
     @property
     def world(self) -> int:
@@ -81,6 +83,7 @@ class DryRunReport:
             "nodes": self.nodes, "gpus_per_node": self.gpus_per_node, "world": self.world, "sp": self.sp,
             "dp": self.world // self.sp if self.world % self.sp == 0 else None,
             "model_source": self.model_source, "model": self.hf_summary, "rope": self.rope,
+            "lora_targets": self.lora_targets,
             "params": None if self.counts is None else {
                 "total": self.counts.total, "trainable": self.counts.trainable,
                 "frozen": self.counts.total - self.counts.trainable,
@@ -169,16 +172,23 @@ def _compare_arch(hf: Any, arch: str, report: DryRunReport) -> None:
                    "the directory wins (fix or drop model.arch)")
 
 
-def meta_param_counts(hf_config: Any, cfg: Config, persistence_threshold: int) -> ParamCounts:
-    """Exact counts of the training model (base + LoRA+), built on the meta device: no memory used."""
+def meta_training_model(hf_config: Any, cfg: Config) -> Any:
+    """The training model (base + LoRA+) on the meta device: structure and counts, no memory."""
     import torch
 
-    from megalong.lora import apply_lora_plus, count_parameters
+    from megalong.lora import apply_lora_plus
     from megalong.models import DTYPES, create_model
 
     with torch.device("meta"):
         model = create_model(hf_config, dtype=DTYPES[cfg.train.dtype], seed=cfg.train.seed)
-        model = apply_lora_plus(model, cfg.lora)
+        return apply_lora_plus(model, cfg.lora)
+
+
+def meta_param_counts(hf_config: Any, cfg: Config, persistence_threshold: int, model: Any = None) -> ParamCounts:
+    """Exact counts of the training model (base + LoRA+), built on the meta device: no memory used."""
+    from megalong.lora import count_parameters
+
+    model = model if model is not None else meta_training_model(hf_config, cfg)
     trainable, total = count_parameters(model)
     largest = largest_train = persistent = 0
     seen: set[int] = set()
@@ -339,11 +349,18 @@ def _resolve_with_rope(cfg: Config, report: DryRunReport) -> Any | None:
 
 def _count_params(cfg: Config, report: DryRunReport, hf: Any) -> None:
     """Exact trainable / frozen counts from the meta-device model (LoRA targets are checked here)."""
+    from megalong.lora import resolve_lora_targets
+
     zo = (report.ds_config or {}).get("zero_optimization", {})
     try:
-        report.counts = meta_param_counts(hf, cfg, int(zo.get("stage3_param_persistence_threshold", 100_000)))
+        model = meta_training_model(hf, cfg)
+        report.counts = meta_param_counts(hf, cfg, int(zo.get("stage3_param_persistence_threshold", 100_000)), model)
     except ConfigError as e:
         report.add("error", "lora", str(e))
         return
     c = report.counts
     report.add("ok", "parameters", f"{c.trainable:,} of {c.total:,} train ({'LoRA+' if cfg.lora.enabled else 'full'})")
+    if cfg.lora.enabled:  # the module names the adapters go on (fused projections: Phi-3's qkv_proj)
+        targets = resolve_lora_targets(model, cfg.lora.targets)
+        report.lora_targets = list(targets.resolved)
+        report.add("warn" if targets.also_covers else "ok", "lora", f"LoRA targets: {targets.describe()}")

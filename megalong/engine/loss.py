@@ -11,6 +11,9 @@ gradient); chunks of 1024 tokens need 128 MiB. The result is a *sum* over valid 
 count, so the caller can normalise by a global token count (over grad-accumulation steps and
 data-parallel ranks) rather than averaging averages. Evaluation runs the same chunks without
 autograd (``chunked_token_losses``: per-token losses, for perplexity).
+
+Final logit soft-capping (Gemma 2; Gemma 3 configs may set it): logits_c = c·tanh(z/c) per chunk, and
+dz = dlogits ⊙ (1 − (logits_c/c)²) — exact, one more (C, V) buffer while a chunk is alive.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from torch import nn
 from megalong.data.batch import IGNORE_INDEX
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(h, weight, bias).float()  # (C, V) fp32
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None = None) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()  # (C, V) fp32
+    if softcap is not None:  # as the model's forward: c · tanh(z / c)
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 def _chunk_losses(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk_size: int,
-    on_logits: Callable | None = None,
+    on_logits: Callable | None = None, softcap: float | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """(start, end, lse_c, loss_c) per chunk of ``chunk_size`` tokens; loss_c is 0 where the label is ignored.
 
@@ -40,7 +47,7 @@ def _chunk_losses(
     T = hidden.shape[0]  # hidden (T, d), labels (T,)
     for s in range(0, T, chunk_size):
         e = min(T, s + chunk_size)
-        logits = _chunk_logits(hidden[s:e], weight, bias)  # (C, V)
+        logits = _chunk_logits(hidden[s:e], weight, bias, softcap)  # (C, V)
         lab = labels[s:e]
         lse_c = torch.logsumexp(logits, dim=-1)
         target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -58,7 +65,8 @@ class _ChunkedCE(torch.autograd.Function):
     time on CPU, docs/BENCHMARKS.md "Tiled loss".)"""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_grad: bool):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_grad: bool,  # noqa: D102
+                softcap: float | None = None):
         # hidden (T, d), weight (V, d), labels (T,)
         need_h, need_w, need_b = (with_grad and ctx.needs_input_grad[i] for i in range(3))
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -67,10 +75,14 @@ class _ChunkedCE(torch.autograd.Function):
 
         def chunk_grads(s: int, e: int, logits: torch.Tensor, lse: torch.Tensor) -> None:
             lab = labels[s:e]
+            # d tanh: 1 - (capped / c)², before the capped logits are overwritten
+            dcap = None if softcap is None else (logits / softcap).square_().neg_().add_(1.0)
             # in place, one (C, V) buffer: softmax - onehot, 0 on ignored rows
             dlogits = logits.sub_(lse.unsqueeze(1)).exp_()
             dlogits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
             dlogits.mul_((lab != IGNORE_INDEX).to(dlogits.dtype).unsqueeze(1))
+            if dcap is not None:
+                dlogits.mul_(dcap)
             d = dlogits.to(hidden.dtype)
             if need_h:
                 grad_h[s:e] = d @ weight
@@ -81,7 +93,7 @@ class _ChunkedCE(torch.autograd.Function):
 
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         on_logits = chunk_grads if (need_h or need_w or need_b) else None
-        for _, _, _, loss_c in _chunk_losses(hidden, weight, bias, labels, chunk_size, on_logits):
+        for _, _, _, loss_c in _chunk_losses(hidden, weight, bias, labels, chunk_size, on_logits, softcap):
             total += loss_c.sum()
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                      None if grad_b is None else grad_b.to(bias.dtype))
@@ -95,7 +107,7 @@ class _ChunkedCE(torch.autograd.Function):
                                "its gradients are computed in forward and handed out once")
         ctx.grads = None  # scaled in place, handed out once
         grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def _flat_tokens(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +128,7 @@ def chunked_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token cross-entropies and the number of valid tokens.
 
@@ -125,6 +138,7 @@ def chunked_cross_entropy(
         labels: (...) target ids aligned with ``hidden`` (already shifted); -100 is ignored.
         bias: optional (V,) output bias.
         chunk_size: tokens per chunk.
+        softcap: the model's final logit soft-cap c (logits = c·tanh(z/c)), or None.
 
     Returns:
         (loss_sum fp32 scalar with grad, count int64 scalar)
@@ -133,7 +147,7 @@ def chunked_cross_entropy(
     count = (lab != IGNORE_INDEX).sum()
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size), with_grad), count
+    return _ChunkedCE.apply(h, weight, bias, lab, int(chunk_size), with_grad, _softcap(softcap)), count
 
 
 @torch.no_grad()
@@ -144,6 +158,7 @@ def chunked_token_losses(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropies without gradients (evaluation), chunk by chunk like the training loss.
 
@@ -153,15 +168,31 @@ def chunked_token_losses(
         labels: (...) target ids aligned with ``hidden`` (already shifted); -100 is ignored.
         bias: optional (V,) output bias.
         chunk_size: tokens per chunk; at most one (chunk_size, V) fp32 logits buffer is alive.
+        softcap: the model's final logit soft-cap, or None.
 
     Returns:
         fp32 losses shaped like ``labels``, 0 at ignored positions.
     """
     h, lab = _flat_tokens(hidden, labels, chunk_size)
     out = torch.empty(lab.shape[0], dtype=torch.float32, device=h.device)
-    for s, e, _, loss_c in _chunk_losses(h, weight, bias, lab, int(chunk_size)):
+    for s, e, _, loss_c in _chunk_losses(h, weight, bias, lab, int(chunk_size), softcap=_softcap(softcap)):
         out[s:e] = loss_c
     return out.view(labels.shape)
+
+
+def _softcap(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not value > 0:
+        raise ValueError(f"final logit softcap {value} must be positive (or None)")
+    return float(value)
+
+
+def logit_softcap_of(model: nn.Module) -> float | None:
+    """The final logit soft-cap the model's forward applies (``config.final_logit_softcapping``), or None."""
+    from megalong.models.loading import unwrap_peft
+
+    return getattr(getattr(unwrap_peft(model), "config", None), "final_logit_softcapping", None)
 
 
 def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +210,13 @@ class ChunkedLMHead(nn.Module):
     the chunks run.
     """
 
-    def __init__(self, lm_head: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, lm_head: nn.Module, chunk_size: int = 1024, softcap: float | None = None) -> None:
         super().__init__()
         self.weight = lm_head.weight
         self.bias = getattr(lm_head, "bias", None)
         self.chunk_size = chunk_size
+        self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return chunked_cross_entropy(hidden, self.weight, labels, bias=self.bias, chunk_size=self.chunk_size)
+        return chunked_cross_entropy(hidden, self.weight, labels, bias=self.bias, chunk_size=self.chunk_size,
+                                     softcap=self.softcap)

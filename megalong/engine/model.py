@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megalong.engine.loss import ChunkedLMHead
+from megalong.engine.loss import ChunkedLMHead, logit_softcap_of
 from megalong.models.loading import decoder_of, lm_head_of
 
 
@@ -23,7 +23,7 @@ class TrainModule(nn.Module):
     def __init__(self, model: nn.Module, loss_chunk_size: int = 1024) -> None:
         super().__init__()
         self.model = model
-        self.loss_head = ChunkedLMHead(lm_head_of(model), chunk_size=loss_chunk_size)
+        self.loss_head = ChunkedLMHead(lm_head_of(model), chunk_size=loss_chunk_size, softcap=logit_softcap_of(model))
         self.pass_segment_ids = False
 
     def forward(

@@ -82,11 +82,12 @@ def long_context_count(predictions: int, seq_len: int) -> int:
     return max(0, predictions - (seq_len + 1) // 2 + 1)
 
 
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling")
 
 
 def check_plain_lm_head(model) -> None:
-    """The chunked head computes ``lm_head(hidden)``; a family that rescales or caps logits needs the full path."""
+    """The chunked head computes ``lm_head(hidden)`` (and the final logit soft-cap); a family that rescales
+    logits needs the full path."""
     config = getattr(model, "config", None)
     for name in _LOGIT_POSTPROCESSING:
         value = getattr(config, name, None)
@@ -108,13 +109,13 @@ def token_losses(model, x: torch.Tensor, loss_chunk_size: int = 1024, parallel=N
     if loss_chunk_size == 0:
         logits = model(input_ids=inputs, use_cache=False).logits.float()  # (b, n, V)
         return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (b, n)
-    from megalong.engine.loss import chunked_token_losses
+    from megalong.engine.loss import chunked_token_losses, logit_softcap_of
     from megalong.models.loading import decoder_of, lm_head_of
 
     hidden = decoder_of(model)(input_ids=inputs, use_cache=False).last_hidden_state  # (b, n, d)
     head = lm_head_of(model)
     return chunked_token_losses(hidden, head.weight, labels, bias=getattr(head, "bias", None),
-                                chunk_size=loss_chunk_size)  # (b, n)
+                                chunk_size=loss_chunk_size, softcap=logit_softcap_of(model))  # (b, n)
 
 
 def window_losses(model, windows: list[np.ndarray], device: torch.device, batch_size: int = 1,

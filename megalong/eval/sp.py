@@ -133,7 +133,7 @@ class SequenceParallelEval:
     @torch.no_grad()
     def token_losses(self, model, x: torch.Tensor, loss_chunk_size: int = 1024) -> torch.Tensor:
         """Next-token losses (b, n) fp32 of windows ``x`` (b, n + 1), the same on every rank of the group."""
-        from megalong.engine.loss import chunked_token_losses
+        from megalong.engine.loss import chunked_token_losses, logit_softcap_of
         from megalong.models.loading import lm_head_of
 
         if loss_chunk_size < 1:
@@ -145,7 +145,7 @@ class SequenceParallelEval:
         hidden = self._hidden(model, part)  # (b, L, d)
         head = lm_head_of(model)
         local = chunked_token_losses(hidden, head.weight, part["labels"], bias=getattr(head, "bias", None),
-                                     chunk_size=loss_chunk_size)  # (b, L), 0 at the padding
+                                     chunk_size=loss_chunk_size, softcap=logit_softcap_of(model))  # (b, L)
         return merge_rank_losses(self._gather(local.float()), x.shape[1] - 1)  # (b, n)
 
     @torch.no_grad()

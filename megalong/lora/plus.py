@@ -12,17 +12,21 @@ peft's terms: the adapter directory lists them in ``modules_to_save`` so stock p
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from megalong.config.schema import ConfigError, LoraConfig
+from megalong.models.families import FUSED_PROJECTIONS
 from megalong.models.loading import unwrap_peft
 
 ADAPTER_NAME = "default"
+log = logging.getLogger("megalong")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -48,6 +52,65 @@ def trainable_module_names(model: nn.Module, parts: Iterable[str]) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class LoraTargets:
+    """``lora.targets`` as asked, and the module names of this model they resolve to."""
+
+    asked: tuple[str, ...]
+    resolved: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    """How a fused projection was chosen, and what it adapts beyond what was asked."""
+    also_covers: tuple[str, ...] = ()
+    """Projections not asked for that a fused adapter adapts too (q_proj alone -> qkv_proj covers k, v)."""
+
+    def describe(self) -> str:
+        text = ", ".join(self.resolved)
+        if self.resolved != self.asked:
+            text = f"{', '.join(self.asked)} -> {text}"
+        return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+
+def resolve_lora_targets(model: nn.Module, targets: Iterable[str]) -> LoraTargets:
+    """Map ``lora.targets`` onto the modules of ``model``.
+
+    A name the model has is kept. A name it lacks that is part of a fused projection the model has
+    (Phi-3: q_proj, k_proj, v_proj -> qkv_proj; gate_proj, up_proj -> gate_up_proj) becomes the fused
+    module, once; if not every part was asked, the note says which parts the fused adapter also covers.
+    Any other name is an error that lists the projections the model does have.
+    """
+    asked = tuple(targets)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    resolved: list[str] = []
+    notes: list[str] = []
+    also: list[str] = []
+    missing = []
+    for t in asked:
+        fused = next((f for f, parts in FUSED_PROJECTIONS.items() if t in parts and f in present), None)
+        if t in present:
+            name = t
+        elif fused is not None:
+            name = fused
+        else:
+            missing.append(t)
+            continue
+        if name not in resolved:
+            resolved.append(name)
+    for fused in resolved:
+        parts = FUSED_PROJECTIONS.get(fused, ())
+        mapped = [t for t in asked if t in parts and t not in present]
+        if mapped:
+            extra = [p for p in parts if p not in asked]
+            also += extra
+            notes.append(f"{type(unwrap_peft(model)).__name__} fuses {'/'.join(parts)} into {fused}"
+                         + (f": its adapter also covers {', '.join(extra)}" if extra else ""))
+    if missing:
+        raise ConfigError(
+            f"lora.targets {missing} match no module of {type(model).__name__}; "
+            f"projections here are named {sorted(n for n in present if n.endswith('_proj'))}"
+        )
+    return LoraTargets(asked, tuple(resolved), tuple(notes), tuple(also))
+
+
 def apply_lora_plus(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap ``model`` with peft LoRA and make embeddings/norms trainable; returns the peft model.
 
@@ -60,15 +123,11 @@ def apply_lora_plus(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in cfg.targets if t not in present]
-    if missing:
-        raise ConfigError(
-            f"lora.targets {missing} match no module of {type(model).__name__}; "
-            f"attention projections here are named {sorted(n for n in present if n.endswith('_proj'))}"
-        )
+    targets = resolve_lora_targets(model, cfg.targets)
+    if targets.resolved != targets.asked:
+        log.info("LoRA targets: %s", targets.describe())
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets.resolved), bias="none"
     )
     pmodel = get_peft_model(model, peft_cfg, adapter_name=ADAPTER_NAME)
     names = set(trainable_module_names(pmodel, cfg.trainable))
@@ -160,8 +219,9 @@ def export_peft_adapter(
     extra = {}
     if tied and "ensure_weight_tying" in getattr(PeftLoraConfig, "__dataclass_fields__", {}):
         extra["ensure_weight_tying"] = True  # peft keeps its two copies tied (merge_and_unload stays tied)
+    targets = resolve_lora_targets(model, cfg.targets).resolved  # the names stock peft must find (fused ones)
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none",
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets), bias="none",
         modules_to_save=modules_to_save or None, base_model_name_or_path=base_model_name_or_path, **extra,
     )
     peft_cfg.save_pretrained(str(out_dir))

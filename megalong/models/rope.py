@@ -43,8 +43,32 @@ class RopeScaling:
         return asdict(self)
 
 
+# Families with one RoPE per layer type (Gemma 3: local theta on the sliding layers, global theta on the
+# full-attention layers) keep ``rope_parameters = {layer_type: params}``; interpolation scales the
+# full-attention layers only: a sliding layer never sees a distance past its window (< the base context),
+# which is also how Gemma 3 itself was extended (linear x8 on its global layers only).
+SCALED_LAYER_TYPE = "full_attention"
+_KEPT_BASE_KEYS = ("partial_rotary_factor",)  # part of the model, not of the scaling (Phi-3/4 keep it here)
+
+
+def _layer_typed_key(hf_config: Any) -> str | None:
+    """The ``rope_parameters`` entry interpolation applies to when RoPE is set per layer type, else None."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    types = set(getattr(hf_config, "layer_types", None) or ())
+    if not (types and params and set(params) <= types and all(isinstance(v, dict) for v in params.values())):
+        return None
+    if SCALED_LAYER_TYPE not in params:
+        raise ConfigError(f"{getattr(hf_config, 'model_type', 'the model')} sets RoPE per layer type {sorted(params)} "
+                          f"without {SCALED_LAYER_TYPE!r} layers: there is no global-attention RoPE to interpolate; "
+                          "set rope.type=none")
+    return SCALED_LAYER_TYPE
+
+
 def _base_rope_params(hf_config: Any) -> dict:
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    typed = _layer_typed_key(hf_config)
+    if typed is not None:
+        params = dict(params[typed])
     if "rope_theta" not in params:
         params["rope_theta"] = float(getattr(hf_config, "rope_theta", 10000.0))
     params.setdefault("rope_type", "default")
@@ -150,7 +174,10 @@ def apply_rope_scaling(hf_config: Any, scaling: RopeScaling | None) -> Any:
     """
     if scaling is None:
         return hf_config
-    hf_config.rope_parameters = _hf_rope_parameters(scaling)
+    base = _base_rope_params(hf_config)
+    params = {**{k: base[k] for k in _KEPT_BASE_KEYS if k in base}, **_hf_rope_parameters(scaling)}
+    typed = _layer_typed_key(hf_config)
+    hf_config.rope_parameters = params if typed is None else {**hf_config.rope_parameters, typed: params}
     if scaling.type != "dynamic":
         hf_config.max_position_embeddings = scaling.target_length
     else:
@@ -167,4 +194,14 @@ def legacy_rope_fields(hf_config: Any) -> dict:
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     if params.get("rope_type") == "longrope":  # Phi-3's configs keep it at the top level
         out["original_max_position_embeddings"] = params["original_max_position_embeddings"]
+    out.update(_layer_typed_legacy_fields(hf_config))
     return out
+
+
+def _layer_typed_legacy_fields(hf_config: Any) -> dict:
+    """Gemma 3 in transformers 4.x: ``rope_theta``/``rope_scaling`` are the global layers', the sliding
+    layers' theta is ``rope_local_base_freq``."""
+    if _layer_typed_key(hf_config) is None:
+        return {}
+    local = hf_config.rope_parameters.get("sliding_attention") or {}
+    return {"rope_local_base_freq": local["rope_theta"]} if "rope_theta" in local else {}

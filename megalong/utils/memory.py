@@ -2,7 +2,8 @@
 
 A pure function of its inputs: ``estimate_memory(MemoryInputs) -> MemoryEstimate``. No torch, no
 torch.distributed, no files. Shapes come from an HF config (``ModelShape.from_hf_config``) or from
-the published numbers of a known architecture (``KNOWN_ARCHS``: llama2-7b … qwen2-7b).
+the published numbers of a known architecture (``KNOWN_ARCHS``: llama2-7b … qwen2-7b, qwen3-8b, gemma3-4b,
+phi3-mini).
 
 Notation: P total / Pt trainable parameters, S = world = ZeRO shards (DeepSpeed partitions over the
 sequence × data group), w = bytes per parameter and activation element (2 bf16, 4 fp32), T = tokens
@@ -43,6 +44,11 @@ tensors autograd saves for backward in transformers' LlamaDecoderLayer (checked 
 
     LoRA+ bf16 (q,k,v,o):  18h + 4kv + 6I + 8r + 4H + 8   (Llama-2-7B: 156 KB per token per layer)
     full fine-tune bf16:   20h + 4kv + 8I + 4H + 8
+
+Other families (ModelShape flags, checked the same way): Qwen3 and Gemma 3 add a per-head q_norm and
+k_norm (like a layer norm over H·D and H_kv·D); Gemma 3 has 4 layer norms, and its norms keep x̂ in fp32
+(they scale by (1 + w) in fp32). Not modelled: Phi-3's v is a view of the fused qkv_proj output, so
+attention keeps that whole (N, q + 2kv) tensor: about w·(q + kv) more per token per layer than counted.
 
 Frozen linears keep no input (autograd saves an input only for the weight's gradient), except under
 ZeRO-3's zero.Init, which replaces F.linear by a function that always saves it: then the MLP input and
@@ -409,8 +415,12 @@ def layer_activation_bytes(i: MemoryInputs) -> float:
     lora_targets = set(i.lora_targets) if i.lora else set()
     norms_train = not i.lora or "norm" in i.lora_trainable
 
-    norm = 4 * h + 4 + (w * h if norms_train else 0)
-    total = 2 * norm
+    xhat = 4 if m.fp32_norms else w  # the normalised input kept for a trainable weight (Gemma: fp32)
+    norm = 4 * h + 4 + (xhat * h if norms_train else 0)
+    total = m.norms_per_layer * norm  # Llama: 2; Gemma 3: 4 (before and after attention and MLP)
+    if m.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm on q and k, kept like the layer norms
+        qk = m.q_dim + m.kv_dim
+        total += 4 * qk + 4 * (heads + m.kv_heads) + (xhat * qk if norms_train else 0)
     total += w * h if _keeps_input(i, "q_proj", "k_proj", "v_proj") else 0
     total += w * i.lora_r * len(lora_targets & set(ATTN_PROJ))
     # TiledMLP saves only its input (the normed hidden states); the rest exists one tile at a time

@@ -48,10 +48,31 @@ KNOWN_ARCHS: dict[str, dict] = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=131072, use_sliding_window=False,
         max_window_layers=28, tie_word_embeddings=False,
     ),
+    "qwen3-8b": dict(
+        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+    "gemma3-4b": dict(  # the text decoder of gemma-3-4b (Gemma3ForCausalLM); the vision tower is not planned
+        model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, tie_word_embeddings=True,
+    ),
+    "phi3-mini": dict(  # Phi-3-mini-4k: fused qkv_proj and gate_up_proj
+        model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False,
+    ),
 }
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_QK_NORM_FAMILIES = ("qwen3", "gemma3_text")  # per-head RMSNorm on q and k inside attention
+_FOUR_NORM_FAMILIES = ("gemma3_text",)  # norms before and after both attention and MLP
+_FUSED_FAMILIES = ("phi3",)  # one qkv_proj, one gate_up_proj
+_FP32_NORM_FAMILIES = ("gemma3_text",)  # RMSNorm output · (1 + w) computed in fp32
 
 
 def known_arch_config(name: str) -> Any:
@@ -89,6 +110,14 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    norms_per_layer: int = 2
+    """Hidden-size norms per decoder layer (Gemma 3: 4)."""
+    qk_norm: bool = False
+    """Per-head q_norm and k_norm inside attention (Qwen3, Gemma 3)."""
+    fused: bool = False
+    """Fused qkv_proj and gate_up_proj (Phi-3)."""
+    fp32_norms: bool = False
+    """Norms that scale in fp32 (Gemma's ``x̂ · (1 + w)``): the x̂ kept for the weight's gradient is fp32."""
 
     @classmethod
     def from_hf_config(cls, cfg: Any, name: str | None = None) -> ModelShape:
@@ -108,6 +137,10 @@ class ModelShape:
             qkv_bias=attn_bias or model_type == "qwen2",
             o_bias=attn_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            norms_per_layer=4 if model_type in _FOUR_NORM_FAMILIES else 2,
+            qk_norm=model_type in _QK_NORM_FAMILIES,
+            fused=model_type in _FUSED_FAMILIES,
+            fp32_norms=model_type in _FP32_NORM_FAMILIES,
         )
 
     @classmethod
@@ -125,6 +158,11 @@ class ModelShape:
     def projections(self) -> dict[str, tuple[int, int, bool]]:
         """name -> (in_features, out_features, has_bias) of each linear in one layer."""
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return {
+                "qkv_proj": (h, self.q_dim + 2 * self.kv_dim, self.qkv_bias), "o_proj": (self.q_dim, h, self.o_bias),
+                "gate_up_proj": (h, 2 * i, self.mlp_bias), "down_proj": (i, h, self.mlp_bias),
+            }
         return {
             "q_proj": (h, self.q_dim, self.qkv_bias), "k_proj": (h, self.kv_dim, self.qkv_bias),
             "v_proj": (h, self.kv_dim, self.qkv_bias), "o_proj": (self.q_dim, h, self.o_bias),
@@ -158,10 +196,12 @@ def _tensor_sizes(shape: ModelShape, lora: bool, r: int, targets: tuple[str, ...
             out.append((mod, fin * fout, not lora))
             if bias:
                 out.append((mod, fout, not lora))
-            if lora and name in targets:
+            if lora and (name in targets or any(t in targets for t in _FUSED.get(name, ()))):
                 out.append((f"{mod}.lora_A", r * fin, True))
                 out.append((f"{mod}.lora_B", fout * r, True))
-        out += [(f"{layer}.norm1", shape.hidden, norm_train), (f"{layer}.norm2", shape.hidden, norm_train)]
+        out += [(f"{layer}.norm{k}", shape.hidden, norm_train) for k in range(shape.norms_per_layer)]
+        if shape.qk_norm:
+            out += [(f"{layer}.q_norm", shape.head_dim, norm_train), (f"{layer}.k_norm", shape.head_dim, norm_train)]
     out.append(("norm", shape.hidden, norm_train))
     if not shape.tied_embeddings:
         out.append(("lm_head", shape.vocab * shape.hidden, head_train))

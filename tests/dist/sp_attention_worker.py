@@ -3,7 +3,8 @@
 Every rank draws the same random row(s), runs single-process attention over the whole row as the
 reference, then the sequence-parallel version over its own L = N/P tokens (``halo``: the halo
 exchange; ``ulysses``: DeepSpeed's all-to-all around megalong's kernel), through gloo, and compares
-its output rows and its dq, dk, dv with the reference's. Prints one JSON line.
+its output rows and its dq, dk, dv with the reference's. On 2 ranks, also one training step of a tiny
+Qwen3, Gemma 3 and Phi-3 (``run_family``). Prints one JSON line.
 
     python -m tests.dist.sp_attention_worker [halo|ulysses]
 """
@@ -189,6 +190,68 @@ def run_window_model(dims) -> dict:
     return out
 
 
+# Tiny configs of the families whose attention differs from Llama's (tests/e2e/test_families.py has the
+# whole road): Qwen3's q/k norms and head_dim 12 (H·D != hidden); Gemma 3's query_pre_attn_scalar scale,
+# a sliding layer (window 32 >= G) and a global one, scaled embedding, (1 + w) norms, final logit cap;
+# Phi-3's fused qkv_proj split into GQA heads.
+FAMILY_CONFIGS = {
+    "qwen3": dict(model_type="qwen3", head_dim=12, tie_word_embeddings=True),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=10, sliding_window=32,
+                   layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=2.0),
+    "phi3": dict(model_type="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+}
+
+
+def run_family(family: str, dims, sp_mode: str) -> dict:
+    """One S²-Attn training step of a tiny ``family`` model under sequence parallelism (``sp_mode``: s2_halo or
+    ulysses) equals one process over the whole row: token-loss sum and count, and every gradient (embedding,
+    norms incl. q/k norms, projections, lm_head) after summing over the group. Packed documents with
+    restarting positions, one of them across the rank boundary."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megalong.attention import use_s2_attention
+    from megalong.engine.model import TrainModule
+    from megalong.parallel.sharding import shard_batch
+
+    spec = dict(FAMILY_CONFIGS[family])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=97, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, attention_dropout=0.0, **spec)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    with torch.no_grad():  # Gemma's norms start at 0 ((1 + w) scales): move every weight off its init
+        for q in ref.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    model = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(7)
+    b, n = 2, 64
+    ids = torch.randint(0, 97, (b, n + 1), generator=gen)
+    seg = _segments(b, n, [[23], [9, 40]], None)
+    pos = torch.cat([torch.arange(int((seg[r] == s).sum())) for r in range(b) for s in seg[r].unique()]).view(b, n)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": pos, "segment_ids": seg}
+    for net in (ref, model):
+        use_s2_attention(net, 16)
+    want_sum, want_count = TrainModule(ref)(**batch)
+    want_sum.backward()
+    got_sum, got_count = TrainModule(model)(**shard_batch(dict(batch), dims, doc_mask=True, sp_mode=sp_mode))
+    got_sum.backward()
+    total = torch.stack([got_sum.detach(), got_count.float()])
+    dist.all_reduce(total)
+    out = {"loss": float((total[0] - want_sum).abs() / want_sum.abs()), "count": float(total[1] == want_count)}
+    worst, missing = 0.0, 0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if q.grad is None:
+            missing += 1
+            continue
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        worst = max(worst, float((g - q.grad).abs().max() / (q.grad.abs().max() + 1e-30)))
+    out["grads"], out["params_without_grad"] = worst, float(missing)
+    return out
+
+
 def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "halo"
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -207,6 +270,9 @@ def main() -> int:
     if mode == "ulysses":
         results["model"] = run_model(dims)
         results["window_model"] = run_window_model(dims)
+    if dims.sp == 2:
+        for family in FAMILY_CONFIGS:
+            results[f"family {family}"] = run_family(family, dims, "ulysses" if mode == "ulysses" else "s2_halo")
     print("RESULT " + json.dumps({"rank": dims.rank, "results": results}))
     dist.barrier()
     dist.destroy_process_group()

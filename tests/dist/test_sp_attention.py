@@ -10,6 +10,8 @@ back unchanged), MQA, L < G, documents, padding, full attention (also with a sli
 training step (token-loss sum and every gradient summed over the group equal one process over the whole
 row, packed documents with restarting positions), then a plain evaluation without sequence parallelism;
 and a tiny Mistral with a sliding window shorter than the row under full attention, both sp modes.
+On 2 ranks, both modes also train one step of a tiny Qwen3, Gemma 3 and Phi-3 the same way (every gradient,
+q/k norms and the final logit cap included) and compare with one process.
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from tests.assets import REPO, free_port, port_was_taken, rank_env
 pytestmark = pytest.mark.dist
 
 TOL = 1e-5
+FAMILIES = ("qwen3", "gemma3", "phi3")
+
+
+def _check_families(world: int, rank: dict) -> None:
+    """The tiny Qwen3 / Gemma 3 / Phi-3 training steps (2 ranks only) equal one process."""
+    for family in FAMILIES:
+        res = rank["results"].pop(f"family {family}", None)
+        if world != 2:
+            assert res is None
+            continue
+        assert res["count"] == 1.0 and res["params_without_grad"] == 0.0, (family, res)
+        assert max(res["loss"], res["grads"]) <= TOL, (world, rank["rank"], family, res)
 
 
 def _spawn(world: int, tmp_path, mode: str = "halo") -> list[dict]:
@@ -43,6 +57,8 @@ def _spawn(world: int, tmp_path, mode: str = "halo") -> list[dict]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_halo_attention_equals_single_process(world, tmp_path):
     ranks = _spawn(world, tmp_path)
+    for rank in ranks:
+        _check_families(world, rank)
     names = set(ranks[0]["results"])
     assert len(names) >= 8
     for rank in ranks:
@@ -64,6 +80,8 @@ def test_halo_attention_equals_single_process(world, tmp_path):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_attention_equals_single_process(world, tmp_path):
     ranks = _spawn(world, tmp_path, "ulysses")
+    for rank in ranks:
+        _check_families(world, rank)
     names = set(ranks[0]["results"])
     assert len(names) == 9, names
     windows = [rank["results"].pop("window_model") for rank in ranks]  # Mistral, window 12 < 48 tokens

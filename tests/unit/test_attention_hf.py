@@ -1,4 +1,5 @@
-"""transformers integration: Llama / Mistral / Qwen2 with "megalong_s2" and "megalong_full"."""
+"""transformers integration: Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 with "megalong_s2" and
+"megalong_full"."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from megalong.attention import (
@@ -28,8 +35,20 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
 VOCAB, N, G = 96, 36, 8
+# What makes each family itself at this size: Qwen3's q/k norms over head_dim 12 (H·D != hidden);
+# Gemma 3's softmax scale query_pre_attn_scalar^-0.5 != head_dim^-0.5, a sliding layer whose window (24)
+# is shorter than the rows, then a global one; Phi-3's fused qkv_proj (its pad id must fit the vocabulary).
+FAMILY_OVERRIDES = {
+    "qwen3": dict(head_dim=12),
+    "gemma3": dict(head_dim=16, query_pre_attn_scalar=10, sliding_window=24,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
 
 
 def _model(family: str, seed: int = 0, **overrides):
@@ -44,6 +63,7 @@ def _model(family: str, seed: int = 0, **overrides):
         max_position_embeddings=256,
         attn_implementation="sdpa",
     )
+    kwargs.update(FAMILY_OVERRIDES.get(family, {}))
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return model_cls(config_cls(**kwargs)).eval()
@@ -90,6 +110,19 @@ def test_s2_matches_reference_backend_and_switches_back(family):
     assert torch.equal(_logits(model, ids), fast)
     model.set_attn_implementation("sdpa")
     assert torch.equal(_logits(model, ids), stock)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_s2_with_groups_past_the_row_equals_stock_eager(family):
+    """For N <= G/2 S²-Attn is causal attention over the whole row, so it must equal transformers' own
+    eager attention: this catches a kernel that ignores the scale or head layout the family passes
+    (Gemma 3's query_pre_attn_scalar, Qwen3's head_dim, Phi-3's split of the fused qkv_proj)."""
+    over = {"sliding_window": 4 * N} if family in ("gemma3", "mistral") else {}
+    model, ids = _model(family, **over), _ids()
+    model.set_attn_implementation("eager")
+    eager = _logits(model, ids)
+    use_s2_attention(model, 2 * N)
+    torch.testing.assert_close(_logits(model, ids), eager, atol=1e-5, rtol=1e-5)
 
 
 def _packed():

@@ -109,7 +109,8 @@ def test_long_context_counts_are_exact_and_min_doc_len_leaves_short_documents_ou
 
 
 @pytest.mark.parametrize("family,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
-                                         ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 2})])
+                                         ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 2}),
+                                         ("gemma3_text", {"head_dim": 16, "final_logit_softcapping": 0.05})])
 def test_chunked_scoring_equals_full_logits_on_random_models(family, over):
     from megalong.models import create_model
     from megalong.models.loading import lm_head_of

@@ -96,3 +96,44 @@ def test_gradients_come_from_the_forward_pass_once():
     with torch.no_grad():
         again, _ = chunked_cross_entropy(h, w, labels, chunk_size=6)
     assert again.grad_fn is None and torch.equal(again, loss.detach())
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_final_logit_softcap_equals_capped_plain_value_and_grads(chunk):
+    """Gemma's c·tanh(z/c) on the logits: loss and the gradients through the tanh equal autograd's."""
+    h, w, labels = _inputs(2, 37, 16, 53)
+    w.data.mul_(4)  # logits of a few units, so that a cap of 2 bends them
+    loss, _ = chunked_cross_entropy(h, w, labels, chunk_size=chunk, softcap=2.0)
+    g_h, g_w = torch.autograd.grad(1.5 * loss, [h, w])
+    z = torch.nn.functional.linear(h, w)
+    assert (z.abs() > 2).float().mean() > 0.2
+    ref, _ = plain_cross_entropy(2.0 * torch.tanh(z / 2.0), labels)
+    r_h, r_w = torch.autograd.grad(1.5 * ref, [h, w])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-6)
+    uncapped, _ = chunked_cross_entropy(h, w, labels, chunk_size=chunk)
+    assert not torch.allclose(uncapped, loss, rtol=1e-3)
+
+
+def test_train_module_applies_the_models_final_logit_softcapping():
+    """TrainModule's chunked loss equals cross-entropy of the model's own (capped) logits (Gemma 3 config)."""
+    from megalong.engine.model import TrainModule
+    from megalong.models import create_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("gemma3_text", head_dim=16, final_logit_softcapping=0.5)
+    model = create_model(cfg, seed=0)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # logits past the cap
+    x = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(3))
+    got, count = TrainModule(model, loss_chunk_size=8)(input_ids=x[:, :-1], labels=x[:, 1:])
+    got.backward()
+    got_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=x[:, :-1]).logits
+    assert logits.abs().max() <= 0.5 and TrainModule(model).loss_head.softcap == 0.5
+    ref, ref_count = plain_cross_entropy(logits, x[:, 1:])
+    ref.backward()
+    assert count == ref_count == 40
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, model.lm_head.weight.grad, rtol=1e-5, atol=1e-6)

@@ -82,7 +82,10 @@ def _saved_bytes_of_one_layer(model, seq_len: int) -> float:
     x = torch.randint(0, dec.config.vocab_size, (1, seq_len))
     hidden = dec.embed_tokens(x).detach().requires_grad_(True)
     pos = torch.arange(seq_len)[None]
-    cos, sin = dec.rotary_emb(hidden, pos)
+    if hasattr(dec.rotary_emb, "layer_types"):  # Gemma 3: one RoPE per layer type
+        cos, sin = dec.rotary_emb(hidden, pos, dec.layers[0].self_attn.layer_type)
+    else:
+        cos, sin = dec.rotary_emb(hidden, pos)
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
         cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     saved: dict[int, int] = {}
@@ -121,6 +124,31 @@ def test_layer_activation_formula_equals_what_autograd_saves(dtype, lora, attent
     inputs = MemoryInputs(ModelShape.from_hf_config(hf), seq_len, dtype=dtype, lora=lora, attention=attention,
                           zero_stage=2, gpus_per_node=1)
     assert got == layer_activation_bytes(inputs) * seq_len
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_layer_activation_formula_of_qk_norm_families(family, dtype, lora):
+    """Qwen3's and Gemma 3's per-head q/k norms, Gemma 3's four layer norms with fp32 x̂ · (1 + w): the formula
+    equals what autograd saves (Gemma also keeps each norm's fp32 (1 + w), per layer, not per token)."""
+    from megalong.attention import use_s2_attention
+    from megalong.config.schema import LoraConfig
+    from megalong.lora import apply_lora_plus
+    from megalong.models import create_model
+
+    over = dict(head_dim=16) if family == "qwen3" else dict(head_dim=16, layer_types=["full_attention"] * 2)
+    hf = tiny_config(family, hidden_size=64, intermediate_size=176, num_attention_heads=8, num_key_value_heads=2,
+                     vocab_size=128, max_position_embeddings=512, **over)
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = use_s2_attention(apply_lora_plus(create_model(hf, seed=0), LoraConfig(enabled=lora)).to(tdtype), 64)
+    model.train()
+    shape = ModelShape.from_hf_config(hf)
+    assert shape.qk_norm and shape.norms_per_layer == (4 if family == "gemma3_text" else 2)
+    got = _saved_bytes_of_one_layer(model.train(), 256)
+    per_layer = 4 * (4 * 64 + 2 * 16) if family == "gemma3_text" else 0
+    inputs = MemoryInputs(shape, 256, dtype=dtype, lora=lora, attention="s2", zero_stage=2, gpus_per_node=1)
+    assert got == layer_activation_bytes(inputs) * 256 + per_layer
 
 
 def test_zero3_linear_keeps_frozen_inputs(monkeypatch):
@@ -167,10 +195,29 @@ def test_analytic_counts_equal_real_model(family, over, lora):
 @pytest.mark.parametrize("name,published", [
     ("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320), ("llama2-70b", 68_976_648_192),
     ("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496), ("mistral-7b", 7_241_732_096),
-    ("qwen2-7b", 7_615_616_512),
+    ("qwen2-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360), ("phi3-mini", 3_821_079_552),
 ])
 def test_known_architectures_have_their_published_sizes(name, published):
     assert analytic_param_counts(ModelShape.known(name), lora=False).total == published
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "gemma3-4b", "phi3-mini"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_new_family_architectures_count_like_their_meta_models(name, lora):
+    """Qwen3's q/k norms, Gemma 3's four norms + q/k norms + 262k tied vocabulary (the text decoder of
+    gemma-3-4b: 3.88B; the published 4.3B includes the vision tower), Phi-3's fused projections (LoRA on
+    qkv_proj for q,k,v): analytic counts equal the meta-device model's."""
+    from megalong.config.schema import LoraConfig
+    from megalong.engine.dryrun import meta_param_counts
+    from megalong.utils.model_shapes import known_arch_config
+
+    cfg = SimpleNamespace(lora=LoraConfig(enabled=lora), train=SimpleNamespace(dtype="bf16", seed=0))
+    meta = meta_param_counts(known_arch_config(name), cfg, persistence_threshold=100_000)
+    analytic = analytic_param_counts(ModelShape.known(name), lora=lora)
+    assert (analytic.total, analytic.trainable, analytic.largest_module) == (meta.total, meta.trainable,
+                                                                            meta.largest_module)
+    if name == "gemma3-4b" and not lora:
+        assert analytic.total == 3_880_263_168 and ModelShape.known(name).vocab == 262_208
 
 
 def test_lora_plus_trainable_count_llama2_7b():

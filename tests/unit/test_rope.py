@@ -162,3 +162,43 @@ def test_none_and_shrinking_targets():
     assert plan_rope_scaling(cfg, RopeConfig(type="none"), 1024) is None
     with pytest.raises(ConfigError, match="shorter than the base context"):
         plan_rope_scaling(cfg, RopeConfig(type="linear"), 64)
+
+
+def _gemma3(**over):
+    return tiny_config("gemma3_text", head_dim=16, sliding_window=32,
+                       layer_types=["sliding_attention", "full_attention"], **over)
+
+
+def test_gemma3_interpolates_only_its_global_layers_and_round_trips(tmp_path):
+    """Gemma 3 keeps one RoPE per layer type: PI scales the full-attention layers' (global theta 1e6); the
+    sliding layers (local theta 1e4, never a distance past their window) keep theirs. The exported config
+    loads in stock transformers, new style and old style (rope_scaling, rope_theta, rope_local_base_freq)."""
+    base = create_model(_gemma3(), seed=0).model.rotary_emb
+    cfg = _gemma3()
+    s = plan_rope_scaling(cfg, RopeConfig(type="linear"), 512)
+    assert s.factor == 4.0 and s.theta == 1e6 and s.original_length == 128
+    apply_rope_scaling(cfg, s)
+    assert cfg.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
+    model = create_model(cfg, seed=0)
+    rot = model.model.rotary_emb
+    torch.testing.assert_close(rot.full_attention_inv_freq, base.full_attention_inv_freq / 4.0)
+    torch.testing.assert_close(rot.sliding_attention_inv_freq, base.sliding_attention_inv_freq, rtol=0, atol=0)
+    save_hf_model(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert raw["rope_theta"] == 1e6 and raw["rope_local_base_freq"] == 1e4 and raw["max_position_embeddings"] == 512
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.config.rope_parameters == cfg.rope_parameters
+    x = torch.randint(0, 96, (1, 40))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    raw.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert AutoConfig.from_pretrained(tmp_path, local_files_only=True).rope_parameters == cfg.rope_parameters
+
+
+def test_scaling_keeps_the_partial_rotary_factor_of_the_base():
+    """Phi-3/4 keep partial_rotary_factor inside rope_parameters: it is the model's, not the scaling's."""
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 0.5}
+    apply_rope_scaling(cfg, plan_rope_scaling(cfg, RopeConfig(type="linear"), 512))
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5 and cfg.rope_parameters["factor"] == 4.0
