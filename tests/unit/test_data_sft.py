@@ -137,15 +137,20 @@ HISTORY_PRUNING = (  # like templates that drop past reasoning: earlier replies 
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _preprocess_tool(*args: str) -> int:
+def _tool(name: str, *args: str) -> int:
+    """Run tools/NAME.py's main in this process."""
     import importlib.util
 
     from tests.assets import REPO
 
-    spec = importlib.util.spec_from_file_location("preprocess_data", REPO / "tools" / "preprocess_data.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main([*args, "--workers", "0", "--no-progress"])
+    return mod.main(list(args))
+
+
+def _preprocess_tool(*args: str) -> int:
+    return _tool("preprocess_data", *args, "--workers", "0", "--no-progress")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +175,7 @@ def _target_runs(ids: np.ndarray, m: np.ndarray) -> list[list[int]]:
     return [ids[a:b].tolist() for a, b in zip(edges[::2], edges[1::2])]
 
 
-def test_chat_loss_on_assistant_turns_only(chat_data):
+def test_chat_loss_on_assistant_turns_only(chat_data, capsys):
     from transformers import AutoTokenizer
 
     prefix, tok_dir = chat_data
@@ -192,6 +197,9 @@ def test_chat_loss_on_assistant_turns_only(chat_data):
         rest = hf.decode(ids[~m].tolist())
         assert rest.count("<|im_start|>assistant\n") == len(replies) and not any(a in rest for a in replies)
     assert "You are a helpful assistant." in hf.decode(tokens[1].tolist())  # the template's default system turn
+    assert _tool("inspect_data", str(prefix), "--doc", "0") == 0  # shows the user what carries loss
+    shown = capsys.readouterr().out.split("loss on ")[1]
+    assert "2 runs:" in shown and repr("Seven.<|im_end|>") in shown
     # packed (the alpaca road): all three in one row, one segment each; labels are exactly the targets
     ds = SFTDataset(prefix, int(tokens.doc_lengths.sum()), num_samples=1, seed=0, pad_id=end, packing=True)
     row = ds[0]
