@@ -35,6 +35,31 @@ def build_assets(root: Path, max_mb: float = 0.6, vocab_size: int = 512) -> dict
             "valid": str(root / "data" / "valid"), "vocab_size": vocab_size}
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""SmolLM2-Instruct's ChatML template (its default system message shortened)."""
+
+
+def build_chat_tokenizer(spm_model: str | Path, out_dir: Path, template: str | None = CHATML_TEMPLATE) -> str:
+    """A SmolLM2-Instruct-style HF tokenizer from a SentencePiece model: ChatML special tokens
+    ``<|im_start|>`` / ``<|im_end|>`` added, ``<|im_end|>`` as EOS, the ChatML template (or none)."""
+    from transformers import AutoTokenizer
+
+    from megalong.data.tokenizer import save_hf_tokenizer
+
+    base = save_hf_tokenizer(spm_model, Path(out_dir) / "base")
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
+    tok.chat_template = template
+    out = Path(out_dir) / ("chat" if template else "plain")
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
 def tiny_run_config(assets: dict, run_dir: Path, **sections) -> dict:
     """A LongLoRA (S²-Attn + LoRA+ + PI) recipe on a tiny Llama built from a config, fp32."""
     cfg = {

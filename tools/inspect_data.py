@@ -3,7 +3,9 @@
 
     python tools/inspect_data.py data/default/train --doc 3 --tokens 200 [--tokenizer T]
 
-The tokenizer defaults to the one recorded in PREFIX.json (when it still exists there).
+The tokenizer defaults to the one recorded in PREFIX.json (when it still exists there). For SFT
+data (a PREFIX_mask beside it) it also prints the document's training targets, run by run: the
+tokens that carry loss (alpaca: the response and EOS; chat: each assistant reply and its end of turn).
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
             for a, b, c in zip(lo, edges, counts) if c]
 
 
+def print_targets(prefix: str, doc: int, ids: np.ndarray, tok, most: int = 20) -> None:
+    """SFT data: the decoded runs of loss-carrying tokens (mask 1) of one whole document."""
+    from megalong.data.sft import mask_prefix
+
+    if not Path(f"{mask_prefix(prefix)}.idx").is_file():
+        return
+    m = IndexedDataset(mask_prefix(prefix))[doc].astype(np.int64)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], m, [0]])))
+    runs = list(zip(edges[::2], edges[1::2]))
+    print(f"loss on {int(m.sum())} of {len(m)} tokens, {len(runs)} runs:")
+    for a, b in runs[:most]:
+        print(f"  [{a}:{b}] {tok.decode(ids[a:b].tolist())!r}")
+    if len(runs) > most:
+        print(f"  … {len(runs) - most} more")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
@@ -72,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = a.tokenizer or (meta.get("tokenizer") or {}).get("path")
     if spec and Path(spec).exists():
         try:
-            print("decoded:\n" + load_tokenizer(spec).decode(ids.tolist()))
+            tok = load_tokenizer(spec)
+            print("decoded:\n" + tok.decode(ids.tolist()))
+            print_targets(a.prefix, a.doc, np.asarray(ds[a.doc]), tok)
         except TokenizerError as e:
             print(f"(cannot decode: {e})")
     else:

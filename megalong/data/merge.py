@@ -42,7 +42,7 @@ from megalong.utils.progress import Progress
 
 MASK_SUFFIX = "_mask"  # megalong.data.sft.mask_prefix
 # Sidecar fields every part must share: they decide what the tokens mean.
-MUST_AGREE = ("kind", "vocab_size", "eos_id", "bos_id", "append_eod", "prepend_bos", "sft_template")
+MUST_AGREE = ("kind", "vocab_size", "eos_id", "bos_id", "append_eod", "prepend_bos", "sft_template", "chat")
 # Sidecar fields that describe one part's files or inputs: recomputed or combined for the merge.
 PER_PART = ("format", "format_version", "dtype", "num_documents", "num_sequences", "num_tokens", "max_token_id",
             "created", "bin_bytes", "bin_fingerprint", "idx_sha256", "input_files", "skipped_documents", "shard",

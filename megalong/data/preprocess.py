@@ -248,6 +248,7 @@ class Encoded:
     lengths: np.ndarray
     mask: np.ndarray | None = None
     skipped: int = 0
+    open_turns: int = 0  # chat: assistant turns without an end-of-turn token
 
 
 @dataclass
@@ -260,6 +261,8 @@ class Task:
     append_eod: bool = False
     prepend_bos: bool = False
     sft_template: str | None = None
+    chat_template: str | None = None  # chat: the template text (None: the tokenizer's own)
+    chat_source: str | None = None
 
 
 _STATE: dict[str, Any] = {}
@@ -268,6 +271,10 @@ _STATE: dict[str, Any] = {}
 def _worker_init(task: Task) -> None:
     _STATE["task"] = task
     _STATE["tok"] = load_tokenizer(task.tokenizer)
+    if task.sft_template == "chat":
+        from megalong.data.chat import ChatEncoder
+
+        _STATE["chat"] = ChatEncoder(task.tokenizer, task.chat_template, task.chat_source)
 
 
 def encode_pretrain(tok: BaseTokenizer, texts: list[str], task: Task) -> Encoded:
@@ -286,6 +293,11 @@ def encode_pretrain(tok: BaseTokenizer, texts: list[str], task: Task) -> Encoded
 def _encode_in_worker(batch: Batch) -> Encoded:
     task: Task = _STATE["task"]
     tok: BaseTokenizer = _STATE["tok"]
+    if task.sft_template == "chat":
+        from megalong.data.chat import encode_chat_records
+
+        return encode_chat_records(_STATE["chat"], records_of(batch), np.dtype(task.dtype), batch.source,
+                                   batch.first_line)
     if task.sft_template is not None:
         from megalong.data.sft import encode_sft_records
 
@@ -322,7 +334,7 @@ def _input_record(files: list[Path]) -> list[dict]:
 def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer: str | os.PathLike,
                workers: int = 1, append_eod: bool = False, prepend_bos: bool = False, json_key: str = "text",
                batch_size: int = 128, sft_template: str | None = None, progress: bool = True,
-               shard: tuple[int, int] | None = None) -> dict:
+               shard: tuple[int, int] | None = None, chat_template: str | os.PathLike | None = None) -> dict:
     """Tokenize ``inputs`` into ``OUTPUT_PREFIX.{bin,idx,json}`` (and ``_mask`` files for SFT).
 
     Args:
@@ -335,11 +347,15 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
         json_key: field (JSON) or column (parquet) holding the text.
         batch_size: documents per batch sent to a worker.
         sft_template: tokenize LongAlpaca-style instruction data with this prompt template
-            (see ``megalong.data.sft.TEMPLATES``) and also write the loss mask.
+            (see ``megalong.data.sft.TEMPLATES``), or ``"chat"``: conversations (``messages`` or
+            ShareGPT ``conversations``) with the tokenizer's chat template, loss on assistant turns
+            (``megalong.data.chat``); also write the loss mask.
         progress: show a tqdm bar (tokens/s) on stderr.
         shard: ``(I, N)``: tokenize only block I of N of the ordered input files (see
             :func:`shard_range`); ``megalong.data.merge.merge_datasets`` joins the N outputs into
             the files one run over all inputs writes. A shard without files writes an empty dataset.
+        chat_template: ``sft_template="chat"``: a Jinja chat template file to use instead of the
+            tokenizer's own.
 
     Returns:
         Summary: documents, skipped, tokens, seconds, tokens_per_s, output prefix, and the metadata.
@@ -355,20 +371,23 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
                       "inputs_sha256": inputs_sha256(files)}
         files = files[start:stop]
     tok = load_tokenizer(tokenizer)
-    for flag, tid, what in ((append_eod or sft_template, tok.eos_id, "EOS"), (prepend_bos, tok.bos_id, "BOS")):
+    chat = _chat_encoder(tokenizer, sft_template, chat_template, append_eod, prepend_bos)
+    needs_eos = append_eod or (sft_template and chat is None)
+    for flag, tid, what in ((needs_eos, tok.eos_id, "EOS"), (prepend_bos, tok.bos_id, "BOS")):
         if flag and tid is None:
             raise DataFileError(f"{tokenizer}: tokenizer has no {what} token, needed by the requested options")
     if sft_template is not None:
-        from megalong.data.sft import TEMPLATES, mask_prefix
+        from megalong.data.sft import SFT_FORMATS, mask_prefix
 
-        if sft_template not in TEMPLATES:
-            raise ValueError(f"sft template {sft_template!r} is unknown; use one of {', '.join(TEMPLATES)}")
+        if sft_template not in SFT_FORMATS:
+            raise ValueError(f"sft template {sft_template!r} is unknown; use one of {', '.join(SFT_FORMATS)}")
     dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
-    task = Task(os.fspath(tokenizer), dtype.name, json_key, append_eod, prepend_bos, sft_template)
+    task = Task(os.fspath(tokenizer), dtype.name, json_key, append_eod, prepend_bos, sft_template,
+                chat.template if chat else None, chat.source if chat else None)
     builder = IndexedDatasetBuilder(output_prefix, dtype)
     mask_builder = IndexedDatasetBuilder(mask_prefix(output_prefix), np.uint8) if sft_template else None
     columns = None if sft_template else [json_key]
-    stats = {"documents": 0, "skipped": 0}
+    stats = {"documents": 0, "skipped": 0, "open_turns": 0}
     bar = _progress_bar(progress)
     start = time.perf_counter()
     try:
@@ -378,6 +397,7 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
                 mask_builder.add_documents(enc.mask, enc.lengths)
             stats["documents"] += len(enc.lengths)
             stats["skipped"] += enc.skipped
+            stats["open_turns"] += enc.open_turns
             if bar is not None:
                 bar.update(len(enc.tokens))
                 bar.set_postfix(docs=stats["documents"], skipped=stats["skipped"], refresh=False)
@@ -392,17 +412,46 @@ def preprocess(inputs: list[str | os.PathLike], output_prefix: str | os.PathLike
     seconds = time.perf_counter() - start
     meta = {
         "kind": "sft" if sft_template else "pretrain", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id, "tokenizer": tok.identity(), "append_eod": bool(append_eod or sft_template),
+        "bos_id": tok.bos_id, "tokenizer": tok.identity(), "append_eod": bool(needs_eos),
         "prepend_bos": prepend_bos, "json_key": json_key, "sft_template": sft_template,
         "input_files": _input_record(files), "skipped_documents": stats["skipped"],
     }
     if shard_meta is not None:
         meta["shard"] = shard_meta
+    if chat is not None:
+        meta["chat"] = chat.describe()
+        meta["chat_template_source"] = chat.source
     if mask_builder is not None:
         mask_builder.finalize({**meta, "kind": "sft_mask"})
     info = builder.finalize(meta)
     return {**stats, "files": len(files), "tokens": info["num_tokens"], "seconds": seconds,
             "tokens_per_s": info["num_tokens"] / max(seconds, 1e-9), "prefix": os.fspath(output_prefix), "meta": info}
+
+
+def _chat_encoder(tokenizer: str | os.PathLike, sft_template: str | None, chat_template: str | os.PathLike | None,
+                  append_eod: bool, prepend_bos: bool) -> Any:
+    """The chat renderer for ``--sft chat`` (template checked here, before any data is read), else None."""
+    if sft_template != "chat":
+        if chat_template is not None:
+            raise DataFileError(f"--chat-template {chat_template} applies only with --sft chat")
+        return None
+    if append_eod or prepend_bos:
+        raise DataFileError("--sft chat: the chat template decides BOS and end-of-turn tokens; drop --append-eod "
+                            "and --prepend-bos (or edit the template with --chat-template FILE)")
+    from megalong.data.chat import ChatEncoder
+
+    text = None
+    if chat_template is not None:
+        try:
+            text = Path(chat_template).read_text(encoding="utf-8")
+            if os.fspath(chat_template).endswith(".json"):  # chat_template.json / tokenizer_config.json
+                text = json.loads(text)["chat_template"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise DataFileError(f"--chat-template {chat_template}: cannot be read ({type(e).__name__}: {e}); pass a "
+                                "Jinja template file, or a JSON file with a 'chat_template' string") from e
+    chat = ChatEncoder(tokenizer, text, os.fspath(chat_template) if chat_template is not None else None)
+    chat.check_template()
+    return chat
 
 
 def _progress_bar(enabled: bool) -> Any:

@@ -3,7 +3,9 @@
 Preprocessing (``tools/preprocess_data.py --sft TEMPLATE``) writes two datasets with the same
 document lengths: ``PREFIX`` (tokens: [BOS] prompt response EOS) and ``PREFIX_mask`` (uint8, 1 where
 the token is a training target: the response and its EOS). The prompt is found by encoding the
-prompt alone and the whole example, and masking their common prefix.
+prompt alone and the whole example, and masking their common prefix. ``--sft chat`` writes the same
+two files for conversations (one example each; targets: every assistant turn and its end-of-turn
+token), rendered with the tokenizer's chat template (``megalong.data.chat``).
 
 Rows (same item contract as pretraining, see ``megalong.data.samples``)::
 
@@ -39,6 +41,10 @@ TEMPLATES: dict[str, dict[str, str]] = {
     "plain": {"with_input": "{instruction}\n\n{input}\n\n", "no_input": "{instruction}\n\n"},
 }
 """Prompt templates; ``{instruction}`` and ``{input}`` are filled in, the response follows the prompt."""
+
+SFT_FORMATS = (*TEMPLATES, "chat")
+"""What ``tools/preprocess_data.py --sft`` takes: a prompt template above, or ``chat`` (conversations
+under the tokenizer's chat template, loss on assistant turns: ``megalong.data.chat``)."""
 
 
 def mask_prefix(prefix: str | os.PathLike) -> str:

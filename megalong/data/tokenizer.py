@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # transformers >= 4.43 keeps the template apart
 _PROBE_TEXT = "Hello world.\n    def f(x):\n        return x * 2  # caf\u00e9 \u65e5\u672c\u8a9e\n\tend"
 
 
@@ -284,7 +285,7 @@ def _hf_from_sentencepiece(sp_tok: SentencePieceTokenizer):
 def save_hf_tokenizer(spec: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write an HF tokenizer directory (``AutoTokenizer.from_pretrained(out_dir)`` works offline).
 
-    An HF directory is copied (its tokenizer files); a SentencePiece model is converted (BPE or
+    An HF directory is copied (its tokenizer files and chat template); a SentencePiece model is converted (BPE or
     unigram, byte fallback, its normalizer), the ``.model`` is kept beside it as ``tokenizer.model``,
     and the conversion is checked: both must encode a probe text to the same ids.
 
@@ -295,7 +296,7 @@ def save_hf_tokenizer(spec: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(src, HFTokenizer):
-        for f in HF_TOKENIZER_FILES:
+        for f in HF_TOKENIZER_FILES + CHAT_TEMPLATE_FILES:
             if (Path(src.path) / f).is_file() and Path(src.path).resolve() != out.resolve():
                 shutil.copyfile(Path(src.path) / f, out / f)
         return out
