@@ -214,16 +214,21 @@ class CachedDecode:
         return valid
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int | None,
-               backend: str, scale: float | None, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """q (B, H, 1, D), this rank's cache k/v (B, H_kv, T, D) -> (B, H, 1, Dv), the same on every rank."""
+               backend: str, scale: float | None, module: torch.nn.Module | None = None,
+               window: int | None = None, deterministic: bool = False) -> torch.Tensor:
+        """q (B, H, 1, D), this rank's cache k/v (B, H_kv, T, D) -> (B, H, 1, Dv), the same on every rank.
+        Same signature as the training cores (``S2HaloContext.attend``): ``window`` is the layer's sliding
+        window as attention/hf.py passes it (None: looked up on the module/config); ``deterministic`` is
+        moot here (no backward)."""
         from megalong.models.families import sliding_window_of
 
         if group_size is not None:
             raise ConfigError("cached decoding runs full attention; call use_full_attention(model) first")
         b, h, q_len, d = query.shape
         total = key.shape[2]
-        window = (getattr(module, "sliding_window", None) if hasattr(module, "sliding_window")
-                  else sliding_window_of(getattr(module, "config", None)))
+        if window is None:
+            window = (getattr(module, "sliding_window", None) if hasattr(module, "sliding_window")
+                      else sliding_window_of(getattr(module, "config", None)))
         lse, part = partial_attention(query, key, value, self._valid(total, window, key.device), scale)
         lses = [torch.empty_like(lse) for _ in range(dist.get_world_size(self.group))]
         parts = [torch.empty_like(part) for _ in lses]
