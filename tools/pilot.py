@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {"cpu": "launch/configs/pilot/cpu.yaml", "gpu": "launch/configs/pilot/gpu_7b.yaml",
-           "real": "launch/configs/pilot/real_cpu.yaml", "real-gpu": "launch/configs/pilot/real_gpu.yaml"}
+           "real": "launch/configs/pilot/real_cpu.yaml", "real-full": "launch/configs/pilot/real_cpu_full.yaml",
+           "real-gpu": "launch/configs/pilot/real_gpu.yaml"}
 DEFAULT_RESULTS = {"cpu": "docs/benchmarks/pilot/results.json", "real": "docs/benchmarks/real/results.json"}
 MINIATURE = {"value": True}
 """The study pretrains a 3M-parameter base here (set per study in cmd_run): its children keep glibc's
@@ -204,10 +205,11 @@ def evaluate(spec, model_dir: Path, lengths, cache: Path | None = None) -> dict:
 
 
 def evaluate_model(spec, model_dir: Path, ppl_lengths, *, cache: Path | None = None, suite: dict | None = None,
-                   passkey: dict | None = None) -> dict:
+                   passkey: dict | None = None, protocols=PROTOCOLS) -> dict:
     """Every measurement of one model (loaded once, stock transformers, full attention): perplexity at
     ``ppl_lengths`` (both protocols), the task suite (``suite``: lengths, samples, tasks, chat, seed) and
-    passkey retrieval (``passkey``: lengths, trials). With ``cache`` each part is stored as it finishes
+    passkey retrieval (``passkey``: lengths, trials); ``protocols``: the perplexity protocols (the curve
+    may score one). With ``cache`` each part is stored as it finishes
     (the suite per sample), so a killed study repeats at most one of them."""
     import torch
 
@@ -222,7 +224,7 @@ def evaluate_model(spec, model_dir: Path, ppl_lengths, *, cache: Path | None = N
 
     def ppl(n: int) -> dict:
         row = {}
-        for protocol in PROTOCOLS:
+        for protocol in protocols:
             start = time.time()
             res = evaluate_perplexity(model, iter(docs), n, protocol, stride=spec.eval_stride or n // 2,
                                       max_windows=spec.eval_max_windows,
@@ -329,7 +331,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def evaluate_checkpoint(spec, run_dir: Path, hf: Path, lengths, cache: Path, tag: str = "latest",
-                        suite: dict | None = None, passkey: dict | None = None) -> dict:
+                        suite: dict | None = None, passkey: dict | None = None, protocols=PROTOCOLS) -> dict:
     """Export ``tag`` of a run (the merged export users get) and evaluate it; the export is removed after."""
     from megalong.engine.export import export_hf
 
@@ -341,7 +343,7 @@ def evaluate_checkpoint(spec, run_dir: Path, hf: Path, lengths, cache: Path, tag
     shutil.rmtree(hf, ignore_errors=True)
     export_hf(run_dir, hf, tag=tag)
     try:
-        return evaluate_model(spec, hf, lengths, cache=cache, suite=suite, passkey=passkey)
+        return evaluate_model(spec, hf, lengths, cache=cache, suite=suite, passkey=passkey, protocols=protocols)
     finally:
         shutil.rmtree(hf, ignore_errors=True)
 
@@ -367,7 +369,8 @@ def run_curve(spec, planned, run_dir: Path, out: Path) -> list[dict]:
         suite = {**(spec.suite or {}), "lengths": c["suite_lengths"], "tasks": c.get("suite_tasks", ["all"]),
                  "samples": c.get("suite_samples", 1)} if c.get("suite_lengths") else None
         ev = evaluate_checkpoint(spec, run_dir, out / "hf" / f"{planned.name}_{tag}", c.get("ppl_lengths", []),
-                                 out / "results" / "parts" / planned.name / tag, tag=tag, suite=suite)
+                                 out / "results" / "parts" / planned.name / tag, tag=tag, suite=suite,
+                                 protocols=tuple(c.get("protocols", PROTOCOLS)))
         points.append({"step": step, "ppl": ev["ppl"], **({"suite": ev["suite"]} if "suite" in ev else {})})
     return points
 
@@ -607,9 +610,11 @@ def parse_args(argv):
     c.add_argument("--groups", type=int, nargs="+", default=[512, 256, 128])
     c.add_argument("--output", default="docs/benchmarks/pilot/context.json")
     r = sub.add_parser("render")
-    r.add_argument("--results", default="docs/benchmarks/pilot/results.json")
+    r.add_argument("--section", choices=["pilot", "real", "real-gpu"], default="pilot",
+                   help="which study's block: the miniature pilot, or a real model on CPU / one GPU")
+    r.add_argument("--results", default=None, help="results JSON (default: the section's under docs/benchmarks/)")
     r.add_argument("--doc", default="docs/BENCHMARKS.md")
-    r.add_argument("--plots", default="docs/benchmarks/pilot", help="PNG directory ('' for none)")
+    r.add_argument("--plots", default=None, help="PNG directory ('' for none; default: the results' directory)")
     return p.parse_args(argv)
 
 
@@ -619,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from pilot_render import render  # tools/pilot_render.py, next to this file
 
-        return render(args.results, args.doc, args.plots)
+        folder = {"pilot": "pilot", "real": "real", "real-gpu": "real_gpu"}[args.section]
+        results = args.results or f"docs/benchmarks/{folder}/results.json"
+        plots = str(Path(results).parent) if args.plots is None else args.plots
+        return render(results, args.doc, plots, args.section)
     if args.command == "context":
         return cmd_context(args)
     return cmd_run(args) if args.command == "run" else cmd_plan(args)

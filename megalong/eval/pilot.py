@@ -133,8 +133,9 @@ class StudySpec:
     passkey: dict | None = None
     """Passkey retrieval on every final model and floor: ``{lengths, trials}`` (None: none)."""
     curve: dict | None = None
-    """Intermediate checkpoints: ``{every, ppl_lengths, suite_lengths, suite_tasks, suite_samples}`` —
-    every ``every`` steps each run is saved and scored (the curve of ppl and suite vs steps)."""
+    """Intermediate checkpoints: ``{every, ppl_lengths, protocols, suite_lengths, suite_tasks, suite_samples}``
+    — every ``every`` steps each run is saved and scored (the curve of ppl and suite vs steps; ``protocols``
+    defaults to both)."""
     eval_threads: int | None = None
     """torch threads for evaluation in the study process (None: OMP_NUM_THREADS, else 1)."""
 
@@ -163,6 +164,9 @@ class StudySpec:
         every = (self.curve or {}).get("every")
         if self.curve is not None and (not isinstance(every, int) or not 0 < every < self.extend_steps):
             raise ConfigError(f"curve.every={every} must be an integer step count in (0, extend_steps)")
+        bad = [p for p in (self.curve or {}).get("protocols", []) if p not in ("longlora", "standard")]
+        if bad:
+            raise ConfigError(f"curve.protocols {bad}: choose from ['longlora', 'standard']")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySpec:

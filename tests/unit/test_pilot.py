@@ -6,6 +6,7 @@ loader, the renderer on a small made-up results dict.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -155,6 +156,54 @@ def test_renderer_plots(tmp_path):
     assert all(Path(p).stat().st_size > 1000 for p in written)
 
 
+def _fake_real_results() -> dict:
+    spec = {"base_length": 8192, "factors": [2], "extend_steps": 3, "seeds": [1], "eval_max_windows": 1,
+            "variants": ["lora_embed_norm", "full_lora_embed_norm"], "eval_lengths": [2048, 16384],
+            "suite": {"lengths": [16384], "samples": 1, "tasks": ["niah_single_1", "niah_single_2"]},
+            "passkey": None, "curve": {"every": 2, "ppl_lengths": [16384], "protocols": ["longlora"]}}
+
+    def model(p2, p16, s1, s2):
+        return {"ppl": {"2048": {"longlora": p2, "standard": p2 + 0.5}, "16384": {"longlora": p16, "standard": p16 + 1}},
+                "suite": {"scores": {"16384": {"niah_single_1": s1, "niah_single_2": s2}},
+                          "average": {"16384": (s1 + s2) / 2}, "effective_length": None}}
+
+    run = {"name": "lora_embed_norm_x2_s1", "variant": "lora_embed_norm", "factor": 2, "seed": 1, "seq_len": 16384,
+           **model(7.1, 4.2, 100.0, 0.0), "final_loss": 1.234, "tokens_per_s": 61.0, "step_time_s": 268.0,
+           "peak_mem_gb_per_rank": 2.5, "planned_mem_gb_per_rank": 2.73, "train_wall_s": 900.0, "eval_wall_s": 720.0,
+           "curve": [{"step": 2, "ppl": {"16384": {"longlora": 4.4}}}]}
+    return {"spec": spec, "study_file": "launch/configs/pilot/real_cpu.yaml", "command": "python tools/pilot.py run "
+            "--scale real", "wall_s": 600.0, "machine": {"platform": "Linux", "cpus_visible": 2, "torch": "2.13"},
+            "complete": False, "base": {"model": "runs/real/cpu/base_hf", **model(6.8, 13.4, 0.0, 0.0)},
+            "floors": {"x2": {"rope": "linear", **model(7.0, 4.6, 100.0, 0.0)},
+                       "yarn_x2": {"rope": "yarn", **model(6.9, 4.5, 0.0, 100.0)}}, "runs": [run]}
+
+
+def test_real_study_renderer(tmp_path):
+    """The real-model block: one row per model (base, floors, runs) with both protocols and each task, the
+    curve from the untrained floor to the final step, training speed and memory beside the plan."""
+    results = _fake_real_results()
+    text = pilot_render.real_block(results, [], "real", "docs/benchmarks/real/results.json")
+    assert "**PARTIAL: 1 of 2 trained runs finished**" in text
+    assert "| base, no RoPE scaling | 6.80 / 7.30 | 13.40 / 14.40 | 0 | 0 | 0.0 |" in text
+    assert "| PI ×2, untrained | 7.00 / 7.50 | 4.60 / 5.60 | 100 | 0 | 50.0 |" in text
+    assert "| YaRN ×2, untrained | 6.90 / 7.40 | 4.50 / 5.50 | 0 | 100 | 50.0 |" in text
+    label = "S²-Attn, LoRA + embed + norm, trained 3 steps at 16384"
+    assert f"| {label} | 7.10 / 7.60 | 4.20 / 5.20 | 100 | 0 | 50.0 |" in text
+    curve = [line for line in text.splitlines() if line.startswith(f"| {label} | ") and line.count("|") == 4]
+    assert curve == [f"| {label} | 0 | 4.60 |", f"| {label} | 2 | 4.40 |", f"| {label} | 3 | 4.20 |"]
+    assert "| lora_embed_norm_x2_s1 | 1.234 | 61 | 268 | 2.50 | 2.73 | 15.0 | 12.0 |" in text
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\n## LongLoRA pilot study\n\n<!-- pilot:begin x -->\n<!-- pilot:end -->\n")
+    for _ in range(2):  # replaced, not added; the pilot's block stays
+        pilot_render.write_block(doc, text, "real", pilot_render.REAL_SECTIONS["real"])
+    out = doc.read_text()
+    assert out.count(pilot_render.REAL_SECTIONS["real"]) == 1 and out.count("<!-- real:end -->") == 1
+    assert "<!-- pilot:begin x -->\n<!-- pilot:end -->" in out
+    if importlib.util.find_spec("matplotlib"):
+        written = pilot_render.real_plots(results, tmp_path / "png")
+        assert sorted(Path(p).name for p in written) == ["curve.png", "ppl.png"]
+
+
 def test_base_recipe_loads():
     cfg = load_config(REPO / "launch/configs/pilot/base_cpu.yaml")
     assert cfg.data.max_seq_len == 256 and cfg.attention.train == "full" and not cfg.lora.enabled
@@ -170,7 +219,7 @@ SMOLLM2_CONFIG = {  # SmolLM2-135M-Instruct's architecture (its GGUF's config), 
 }
 
 
-@pytest.mark.parametrize("study", ["real_cpu.yaml", "real_gpu.yaml"])
+@pytest.mark.parametrize("study", ["real_cpu.yaml", "real_cpu_full.yaml", "real_gpu.yaml"])
 def test_real_model_plans(study, tmp_path):
     """The real-model studies: variants become their overrides (S²-Attn / full, YaRN, the full-attention tail),
     the curve keeps its checkpoints, floors and suite are set, and one run's config passes the dry run."""
@@ -193,7 +242,7 @@ def test_real_model_plans(study, tmp_path):
         assert cfg.rope.type == ("yarn" if variant.startswith("yarn") else "linear")
         assert cfg.attention.full_last_steps == (spec.extend_steps // 8 if variant == "s2_then_full" else 0)
         assert runs[0].eval_lengths == tuple(spec.eval_lengths)
-    cpu = study == "real_cpu.yaml"
+    cpu = study.startswith("real_cpu")
     report = dry_run(cfgs["lora_embed_norm"], nodes=1, gpus_per_node=2 if cpu else 1, gpu_memory_gb=139,
                      host_memory_gb=24 if cpu else 1000, accelerator="cpu" if cpu else "cuda")
     assert report.errors == [] and report.fits, report.errors
@@ -201,6 +250,8 @@ def test_real_model_plans(study, tmp_path):
         _spec(study, curve={"every": spec.extend_steps})
     with pytest.raises(ConfigError, match="floors"):
         _spec(study, floors=["ntk"])
+    with pytest.raises(ConfigError, match="curve.protocols"):
+        _spec(study, curve={**spec.curve, "protocols": ["sliding"]})
 
 
 def test_gpu_study_script_dry_run_on_cpu(tmp_path):
