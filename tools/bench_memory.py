@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", nargs="*", type=int, default=None, help="run only these lengths")
     p.add_argument("--allocators", nargs="*", default=["launch"], choices=sorted(ALLOCATORS),
                    help="run each configuration with each allocator (default: the launch path's)")
+    p.add_argument("--dtypes", nargs="*", default=None, choices=["fp32", "bf16"],
+                   help="run each configuration in each of these dtypes (default: its own) and print their "
+                        "step times side by side (bf16 is emulated on CPUs without AVX512-BF16/AMX)")
     p.add_argument("--verbose", action="store_true", help="print each configuration's estimate table")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="megalong_bench_mem_") as tmp:
         tiny_dir = make_base(Path(tmp), TINY_MODEL, "bench_tiny")
         base_dirs = {m: make_base(Path(tmp), MODELS[m], f"bench_{m}") for m in sorted({c["model"] for c in specs})}
+        if args.dtypes:
+            specs = [{**c, "dtype": d} for c in specs for d in args.dtypes]
         for cfg in specs:
             for allocator in args.allocators:
                 res = run_config(cfg, base_dirs[cfg["model"]], tiny_dir, args.threads, allocator)
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, args.markdown))
     if len(args.allocators) > 1:
         print(format_allocators(rows, args.markdown))
+    if args.dtypes and len(args.dtypes) > 1:
+        print(format_dtypes(rows, args.markdown))
     return 0
 
 
@@ -306,6 +313,23 @@ def format_allocators(rows: list[dict], markdown: bool) -> str:
     head = ["model", "N", "dtype", "allocator", "step 1 s", "step 2 s", "peak RSS MiB", "above base MiB"]
     body = [[r["model"], str(r["seq_len"]), r["dtype"], r["allocator_choice"], f"{r['first_step_s']:.1f}",
              f"{r['step_s']:.1f}", f"{r['process_peak_mib']:.0f}", f"{r['peak_mib']:.0f}"] for r in rows]
+    return _table(head, body, markdown)
+
+
+def format_dtypes(rows: list[dict], markdown: bool) -> str:
+    """Step times of the same configuration in each dtype, and each one's ratio to fp32's (mean of its two
+    steps, measured in this one run)."""
+    def mean(r: dict) -> float:
+        return (r["first_step_s"] + r["step_s"]) / 2
+
+    fp32 = {(r["name"], r["seq_len"], r["allocator_choice"]): mean(r) for r in rows if r["dtype"] == "fp32"}
+    head = ["model", "N", "dtype", "step 1 s", "step 2 s", "× fp32", "peak RSS MiB", "cpu bf16 units"]
+    from megalong.utils.cpu_runtime import cpu_bf16_native
+
+    native = "yes" if cpu_bf16_native() else "no (emulated)"
+    body = [[r["model"], str(r["seq_len"]), r["dtype"], f"{r['first_step_s']:.1f}", f"{r['step_s']:.1f}",
+             (f"{mean(r) / base:.2f}" if (base := fp32.get((r["name"], r["seq_len"], r["allocator_choice"])))
+              else "—"), f"{r['process_peak_mib']:.0f}", native] for r in rows]
     return _table(head, body, markdown)
 
 

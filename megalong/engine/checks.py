@@ -134,6 +134,25 @@ def check_flash_dtype(cfg: Config) -> list[Finding]:
                                           "attention.backend=sdpa to train in fp32")]
 
 
+BF16_EMULATED_SLOWDOWN = None
+"""bf16 step time / fp32 step time measured on a CPU without bf16 units (docs/BENCHMARKS.md, "CPU
+training: fp32 vs bf16"; tools/bench_memory.py --dtypes fp32 bf16)."""
+
+
+def check_cpu_dtype(cfg: Config, accelerator: str, cpuinfo: str | None = None) -> list[Finding]:
+    """bf16/fp16 on a CPU without bf16 matrix units is emulated: slower than fp32, say so with the fix."""
+    from megalong.utils.cpu_runtime import cpu_bf16_native
+
+    if accelerator != "cpu" or cfg.train.dtype == "fp32" or cpu_bf16_native(cpuinfo):
+        return []
+    factor = f" (measured: a bf16 step took {BF16_EMULATED_SLOWDOWN:.1f}× the fp32 step on a 2-core AVX2 box)" \
+        if BF16_EMULATED_SLOWDOWN else ""
+    return [Finding("warn", "train.dtype", f"train.dtype={cfg.train.dtype} on this CPU, which has no bf16 matrix "
+                                           f"instructions (no avx512_bf16 / amx_bf16 in /proc/cpuinfo): PyTorch "
+                                           f"emulates it{factor}. Set train.dtype=fp32 (faster here; the memory "
+                                           "plan grows by the activations' and weights' second 2 bytes)")]
+
+
 def _rope_types(hf: Any) -> set[str]:
     """The rope types of a (RoPE-applied) HF config; per layer type where the config nests them."""
     params = getattr(hf, "rope_parameters", None) or {}
@@ -208,6 +227,7 @@ def run_checks(cfg: Config, hf: Any, world: int, accelerator: str = "cuda",
         *check_batch(cfg, world),
         *check_attention(cfg, hf, accelerator),
         *check_flash_dtype(cfg),
+        *check_cpu_dtype(cfg, accelerator),
         *check_rope_sp(cfg, hf),
         *check_model_features(hf),
         *check_vocab(hf, tokenizer_vocab, tokenizer_name),

@@ -45,7 +45,7 @@ from megalong.utils.metrics import (
     peak_memory_gb,
     train_flops_per_token,
 )
-from megalong.utils.progress import Progress
+from megalong.utils.progress import Progress, StepProgress
 
 log = logging.getLogger("megalong")
 
@@ -68,6 +68,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.engine = None
+        self.step_progress: StepProgress | None = None
         self._stop_signal: int | None = None
         self._last_saved_step = -1
         self.train_attention = "train"
@@ -188,6 +189,7 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.is_main)
         bar = self._progress()
+        self.step_progress = self._step_progress()
         if self.is_main:
             log.info("training: step %d of %d, %d rows of %d tokens per step (dp %d × sp %d)", self.step,
                      cfg.train.max_steps, self.batch.train_batch, cfg.data.max_seq_len, self.dims.dp, self.dims.sp)
@@ -224,6 +226,9 @@ class Trainer:
             self._restore_signal_handlers(old_handlers)
             metrics.close()
             bar.close()
+            if self.step_progress is not None:
+                self.step_progress.close()
+                self.step_progress = None
         return last
 
     def _switch_to_full_attention(self) -> None:
@@ -266,6 +271,17 @@ class Trainer:
         return Progress(self.cfg.train.max_steps, "train", initial=self.step, every=lg.log_interval,
                         interval_s=lg.progress_interval_s, enabled=self.is_main, bar=lg.progress_bar)
 
+    def _step_progress(self) -> StepProgress | None:
+        """Rank 0: lines from inside a step that runs longer than logging.progress_interval_s (the
+        layer being computed), so a step of minutes on a CPU shows where it is."""
+        if not self.is_main:
+            return None
+        from megalong.models.loading import decoder_of
+
+        layers = getattr(decoder_of(self.model), "layers", None)
+        return StepProgress(layers if layers is not None else [], self.cfg.train.max_steps,
+                            self.cfg.logging.progress_interval_s)
+
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         t0 = time.perf_counter()
@@ -275,12 +291,23 @@ class Trainer:
         global_valid = int(self._all_reduce([float(local_valid)])[0])
         scale = self._grad_scale(global_valid)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for b in micro:
+        sp_ = getattr(self, "step_progress", None)
+        if sp_ is not None:
+            sp_.begin(self.step + 1, ga)
+        for m, b in enumerate(micro, 1):
             with activation_offload(self.model):  # train.offload_activations: forward and backward inside it
+                if sp_ is not None:
+                    sp_.mark("forward", m)
                 local_loss, _ = engine(**b)
+                if sp_ is not None:
+                    sp_.mark("backward", m)
                 engine.backward(local_loss * scale)
+            if sp_ is not None:
+                sp_.mark("optimizer step", m)
             engine.step()
             loss_sum += local_loss.detach().double().cpu()
+        if sp_ is not None:
+            sp_.end()
         stop = 1.0 if self._stop_signal is not None else 0.0
         total, nonfinite, stop_any = self._all_reduce(
             [float(loss_sum), 0.0 if math.isfinite(float(loss_sum)) else 1.0, stop]

@@ -34,6 +34,27 @@ _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of CPUs with bf16 matrix instructions (Cooper Lake / Sapphire Rapids and later,
+Zen 4+); without them PyTorch's bf16 matmuls convert to fp32 and back (emulated)."""
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """True when this machine's CPU has bf16 matrix instructions (or when /proc/cpuinfo is unreadable:
+    nothing to warn about then)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
 def configure_cpu_allocator(env: Mapping[str, str]) -> str:
     """Fix glibc's mmap threshold for this process unless the user chose an allocator policy.
 

@@ -94,3 +94,79 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class StepProgress:
+    """Progress inside one long optimizer step, so a step of minutes is not minutes of silence.
+
+    The trainer marks the phase (``forward`` / ``backward`` of micro-batch m of M); forward pre-hooks on
+    the decoder layers count the layer being computed (during ``backward`` with activation
+    checkpointing that is the recomputed layer). A daemon thread writes one line through the
+    "megalong" logger whenever a step has run ``interval_s`` seconds since its start or the last line:
+
+        step 3/10: micro 1/1 backward, layer 17/30, 142 s into the step
+
+    Steps shorter than ``interval_s`` write nothing. ``enabled=False`` (ranks other than 0): no hooks,
+    no thread."""
+
+    def __init__(self, layers, total_steps: int, interval_s: float, enabled: bool = True) -> None:
+        import threading
+
+        self.layers, self.total, self.interval_s, self.enabled = list(layers), total_steps, interval_s, enabled
+        self.step = self.micro = self.micros = self.layer = 0
+        self.phase: str | None = None
+        self.t0 = self.last = 0.0
+        self.lines: list[str] = []
+        self._handles = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if not enabled:
+            return
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(lambda *_, i=i: self._at_layer(i)))
+        self._thread = threading.Thread(target=self._watch, name="megalong-step-progress", daemon=True)
+        self._thread.start()
+
+    def _at_layer(self, i: int) -> None:
+        self.layer = i + 1
+
+    def begin(self, step: int, micros: int) -> None:
+        """A step starts (``step`` counted from 1)."""
+        with self._lock:
+            self.step, self.micros, self.micro, self.layer, self.phase = step, micros, 0, 0, "start"
+            self.t0 = self.last = time.monotonic()
+
+    def mark(self, phase: str, micro: int) -> None:
+        """``phase`` (forward / backward / optimizer) of micro-batch ``micro`` (from 1) begins."""
+        with self._lock:
+            self.phase, self.micro, self.layer = phase, micro, 0
+
+    def end(self) -> None:
+        with self._lock:
+            self.phase = None
+
+    def line(self, now: float) -> str:
+        where = f"micro {self.micro}/{self.micros} {self.phase}" if self.micro else str(self.phase)
+        if self.phase in ("forward", "backward") and self.layer:
+            where += f", layer {self.layer}/{len(self.layers)}"
+        return f"step {self.step}/{self.total}: {where}, {now - self.t0:.0f} s into the step"
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval_s / 4)):
+            with self._lock:
+                now = time.monotonic()
+                if self.phase is None or now - self.last < self.interval_s:
+                    continue
+                self.last = now
+                text = self.line(now)
+            self.lines.append(text)
+            log.info(text)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for h in self._handles:
+            h.remove()
+        self._handles = []

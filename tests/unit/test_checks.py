@@ -119,6 +119,28 @@ def test_flash_backend_is_refused_on_cpu_and_fine_on_gpus(model_dirs, assets):
         Trainer(cfg).preflight(2, "cpu")
 
 
+def test_bf16_on_a_cpu_without_bf16_units_is_a_warning_with_the_fix(model_dirs, assets):
+    """bf16 on an AVX2-only CPU: a warning (not an error: it runs, slowly) naming the flags and fp32; none with
+    avx512_bf16, none for fp32, none on GPUs; start-up logs the same finding as the dry run reports."""
+    from megalong.engine.setup import base_hf_config
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    bf16_cpu = avx2.replace("avx2", "avx2 avx512f avx512_bf16")
+    cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--train.dtype=bf16"])
+    found = checks.check_cpu_dtype(cfg, "cpu", avx2)
+    assert [f.level for f in found] == ["warn"] and "train.dtype=fp32" in found[0].message
+    assert "avx512_bf16" in found[0].message and "emulates" in found[0].message
+    assert checks.check_cpu_dtype(cfg, "cpu", bf16_cpu) == [] and checks.check_cpu_dtype(cfg, "cuda", avx2) == []
+    fp32 = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, [])
+    assert checks.check_cpu_dtype(fp32, "cpu", avx2) == []
+    from megalong.utils.cpu_runtime import cpu_bf16_native
+
+    assert not cpu_bf16_native(avx2) and cpu_bf16_native(bf16_cpu)
+    hf, _ = base_hf_config(cfg)
+    here = [f for f in checks.run_checks(cfg, hf, 2, "cpu", 512) if f.what == "train.dtype"]
+    assert len(here) == (0 if cpu_bf16_native() else 1)  # this machine's own CPU
+
+
 def test_flash_with_fp32_is_refused_before_the_first_forward(model_dirs, assets):
     """flash-attn has no fp32 kernels: tiny_cpu.yaml (fp32) with backend=flash fails the checks on GPUs too."""
     cfg = _recipe(REPO / "launch" / "configs" / "tiny_cpu.yaml", model_dirs, assets, ["--attention.backend=flash"])

@@ -53,3 +53,45 @@ def test_bar_on_a_terminal_and_nothing_when_disabled(caplog):
     no_bar = Progress(4, "eval", bar=False, every=4, stream=_Tty())  # logging.progress_bar=false: lines
     no_bar.update(4)
     assert not no_bar.uses_bar and len(caplog.records) == 1
+
+
+def test_step_progress_reports_the_layer_inside_a_long_step(caplog):
+    """A step longer than the interval writes lines naming micro-batch, phase and layer; a short step
+    writes none; disabled (ranks > 0) registers no hooks."""
+    import time
+
+    import torch
+
+    from megalong.utils.progress import StepProgress
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.12)
+            return x
+
+    layers = torch.nn.ModuleList([Slow() for _ in range(3)])
+    sp = StepProgress(layers, total_steps=5, interval_s=0.1)
+    with caplog.at_level(logging.INFO, logger="megalong"):
+        sp.begin(2, micros=1)
+        sp.mark("forward", 1)
+        x = torch.zeros(1)
+        for layer in layers:
+            x = layer(x)
+        sp.mark("backward", 1)
+        time.sleep(0.25)
+        sp.end()
+        n = len(sp.lines)
+        time.sleep(0.3)  # between steps: nothing
+        assert len(sp.lines) == n
+        sp.begin(3, micros=1)  # a short step: nothing
+        sp.end()
+        time.sleep(0.15)
+    sp.close()
+    assert len(sp.lines) == n
+    assert any(line.startswith("step 2/5: micro 1/1 forward, layer ") and line.endswith("s into the step")
+               for line in sp.lines), sp.lines
+    assert any(line.startswith("step 2/5: micro 1/1 backward") for line in sp.lines), sp.lines
+    assert all(line in caplog.text for line in sp.lines)
+    assert not layers[0]._forward_pre_hooks  # close() removed the hooks
+    off = StepProgress(layers, 5, 0.1, enabled=False)
+    assert not layers[0]._forward_pre_hooks and off._thread is None
