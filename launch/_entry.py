@@ -28,21 +28,36 @@ def cpu_defaults() -> list[str]:
     log = []
     if not has_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        log.append(cpu_allocator())
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return log
 
 
-def cpu_allocator() -> str:
-    """Every CPU rank returns freed activation memory (megalong.utils.cpu_runtime); the user's choice wins."""
+def cpu_allocator(cfg=None) -> str:
+    """The CPU rank's allocator policy (megalong.utils.cpu_runtime), from the run's activation size when
+    ``cfg`` is given; the user's choice wins."""
     from megalong.utils.cpu_runtime import configure_cpu_allocator
 
     try:
-        return configure_cpu_allocator(os.environ)
+        return configure_cpu_allocator(os.environ, activation_block(cfg) if cfg is not None else None)
     except ValueError as e:
         return f"allocator: {e}; left as it is"
+
+
+def activation_block(cfg) -> int | None:
+    """The run's largest activation block per rank in bytes (None when the model's config is unreadable)."""
+    from megalong.utils.cpu_runtime import activation_block_bytes
+
+    try:
+        from megalong.engine.setup import base_hf_config
+
+        hf, _ = base_hf_config(cfg)
+        width = max(int(getattr(hf, "intermediate_size", 0) or 0), int(hf.hidden_size))
+    except Exception:  # noqa: BLE001 - the trainer reports a bad model itself; the allocator stays memory-safe
+        return None
+    return activation_block_bytes(cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.parallel.sp, width,
+                                  4 if cfg.train.dtype == "fp32" else 2)
 
 
 def single_process_env() -> list[str]:
@@ -92,6 +107,8 @@ def run(argv: list[str] | None, description: str, force_kind: str | None = None)
         return EXIT_CONFIG
     setup_logging(cfg.logging.level)
     if not args.dry_run:
+        if os.environ.get("DS_ACCELERATOR") == "cpu":
+            setup_log.append(cpu_allocator(cfg))
         setup_log += single_process_env()
     for line in setup_log:
         logging.getLogger("megalong.launch").info(line)

@@ -27,9 +27,6 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-$($PY -c 'import torch; print("cuda" if 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-# A 3M-parameter model needs < 1 GB per rank either way; glibc's default allocator policy makes its
-# short steps 1.6x faster than the fixed mmap threshold CPU ranks use by default (docs/BENCHMARKS.md)
-export MEGALONG_CPU_MALLOC=${MEGALONG_CPU_MALLOC:-glibc}
 find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null || true   # a killed JIT build leaves a stale lock
 
 start=$(date +%s)

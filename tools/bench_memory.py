@@ -12,8 +12,8 @@ Measured = the kernel's peak resident set of the whole process (VmHWM, reset thr
 /proc/self/clear_refs once the engine is built, so the one-off loading peak is excluded) during the
 two training steps; "above base" subtracts the resident set just before the model is built (the
 interpreter, torch, DeepSpeed, transformers). The worker applies the allocator policy the launch
-path applies to every CPU rank (megalong.utils.cpu_runtime.configure_cpu_allocator, called from
-launch/_entry.py's cpu_defaults), so the figures are what a real run sees.
+path applies to every CPU rank (megalong.utils.cpu_runtime.configure_cpu_allocator from the run's
+activation block size, called from launch/_entry.py), so the figures are what a real run sees.
 Estimated = estimate_memory(accelerator="cpu") per-rank peak: the whole process, its base included.
 
     flock /tmp/megalong_heavy.lock python tools/bench_memory.py --only smol-z3-ckpt-s2 --seq-len 4096 \
@@ -77,6 +77,7 @@ CONFIGS = [dict(zip(KEYS, c)) for c in [
     ("v4k-lora-z3-none-s2", "v4k", 8192, True, 3, "none", "s2", "bf16"),
     ("v4k-full-z3-ckpt-full", "v4k", 16384, False, 3, "layer", "full", "bf16"),
     # realistic depth and vocabulary, where the allocator matters (fp32: no bf16 matmul units on most CPUs)
+    ("smol-z3-ckpt-s2", "smol", 1024, True, 3, "layer", "s2", "fp32"),  # --dtypes fp32 bf16: the CPU dtype table
     ("smol-z3-ckpt-s2", "smol", 4096, True, 3, "layer", "s2", "fp32"),
     ("l24v32k-z3-ckpt-s2", "l24v32k", 8192, True, 3, "layer", "s2", "fp32"),
     ("smol-z3-ckpt-s2", "smol", 8192, True, 3, "layer", "s2", "fp32"),
@@ -182,9 +183,12 @@ def worker(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int) -> None:
     import torch
 
     from megalong.parallel.dims import ParallelDims, init_distributed
-    from megalong.utils.cpu_runtime import configure_cpu_allocator
+    from megalong.utils.cpu_runtime import activation_block_bytes, configure_cpu_allocator
 
-    allocator = configure_cpu_allocator(os.environ)  # what launch/_entry.py's cpu_defaults applies
+    m = MODELS[cfg["model"]]
+    block = activation_block_bytes(1, cfg["seq_len"], 1, max(m["intermediate_size"], m["hidden_size"]),
+                                   4 if cfg["dtype"] == "fp32" else 2)
+    allocator = configure_cpu_allocator(os.environ, block)  # what launch/_entry.py applies to this run
     torch.set_num_threads(threads)
     init_distributed(120)
     dims = ParallelDims(world=1, sp=1).build()

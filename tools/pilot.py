@@ -38,9 +38,6 @@ STUDIES = {"cpu": "launch/configs/pilot/cpu.yaml", "gpu": "launch/configs/pilot/
            "real": "launch/configs/pilot/real_cpu.yaml", "real-full": "launch/configs/pilot/real_cpu_full.yaml",
            "real-gpu": "launch/configs/pilot/real_gpu.yaml"}
 DEFAULT_RESULTS = {"cpu": "docs/benchmarks/pilot/results.json", "real": "docs/benchmarks/real/results.json"}
-MINIATURE = {"value": True}
-"""The study pretrains a 3M-parameter base here (set per study in cmd_run): its children keep glibc's
-default allocator policy, faster for its short steps; a real model's long rows keep megalong's."""
 PROTOCOLS = ("longlora", "standard")
 CURVE_POINTS = 60
 
@@ -84,8 +81,6 @@ def child_env() -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    if MINIATURE["value"]:  # a 3M-parameter model: glibc's default allocator policy is faster for short steps
-        env.setdefault("MEGALONG_CPU_MALLOC", "glibc")
     return env
 
 
@@ -446,7 +441,6 @@ def cmd_run(args) -> int:
 
     spec, study_path = load_study(args)
     out = Path(spec.out_dir)
-    MINIATURE["value"] = spec.base_recipe is not None
     if args.dry_run:
         return dry_run(spec, out, args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -15,10 +15,26 @@ from megalong.utils.cpu_runtime import RENDEZVOUS, configure_cpu_allocator, sing
 ])
 def test_allocator_policy_explicit_setting_wins(env, expect):
     assert expect in configure_cpu_allocator(env)
+    assert expect in configure_cpu_allocator(env, block_bytes=2**20) or not env  # small rows: explicit still wins
+
+
+def test_allocator_auto_follows_the_activation_size():
+    """auto (default): glibc's policy below AUTO_BLOCK_BYTES (the quickstart's 4 MiB blocks), the fixed
+    threshold at or above it (a 135M model at N = 4096: 24 MiB) and when the size is unknown; fixed forces it."""
+    from megalong.utils.cpu_runtime import AUTO_BLOCK_BYTES, activation_block_bytes
+
+    quickstart = activation_block_bytes(8, 256, 1, 512, 4)  # micro 8 x 256 tokens, intermediate 512, fp32
+    smol = activation_block_bytes(1, 4096, 1, 1536, 4)
+    assert quickstart == 4 * 2**20 < AUTO_BLOCK_BYTES <= smol == 24 * 2**20
+    assert activation_block_bytes(1, 16384, 2, 1536, 4) == 48 * 2**20  # sp splits the row
+    assert "glibc's default policy (auto: activation blocks of 4.0 MiB" in configure_cpu_allocator({}, quickstart)
+    assert "fixed mmap threshold of 128 KiB (auto: activation blocks of 24 MiB" in configure_cpu_allocator({}, smol)
+    assert "fixed mmap threshold" in configure_cpu_allocator({}, None)
+    assert "fixed mmap threshold" in configure_cpu_allocator({"MEGALONG_CPU_MALLOC": "fixed"}, quickstart)
 
 
 def test_allocator_policy_rejects_unknown_value():
-    with pytest.raises(ValueError, match="use 'fixed' .* or 'glibc'"):
+    with pytest.raises(ValueError, match="use 'auto' .*'fixed' or 'glibc'"):
         configure_cpu_allocator({"MEGALONG_CPU_MALLOC": "tcmalloc"})
 
 
