@@ -46,7 +46,7 @@ def cpu_allocator(cfg=None) -> str:
 
 
 def activation_block(cfg) -> int | None:
-    """The run's largest activation block per rank in bytes (None when the model's config is unreadable)."""
+    """The run's activations per rank and micro-block in bytes (tokens × MLP width × bytes × layers) (None when the model's config is unreadable)."""
     from megalong.utils.cpu_runtime import activation_block_bytes
 
     try:
@@ -54,10 +54,11 @@ def activation_block(cfg) -> int | None:
 
         hf, _ = base_hf_config(cfg)
         width = max(int(getattr(hf, "intermediate_size", 0) or 0), int(hf.hidden_size))
+        layers = int(hf.num_hidden_layers)
     except Exception:  # noqa: BLE001 - the trainer reports a bad model itself; the allocator stays memory-safe
         return None
     return activation_block_bytes(cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.parallel.sp, width,
-                                  4 if cfg.train.dtype == "fp32" else 2)
+                                  4 if cfg.train.dtype == "fp32" else 2, layers)
 
 
 def single_process_env() -> list[str]:

@@ -147,9 +147,10 @@ def _engine(cfg: dict, base_dir: Path, dims):
     from megalong.engine.setup import build_model
     from megalong.parallel.dims import DeepSpeedMPU
 
+    base_context = json.loads((Path(base_dir) / "config.json").read_text())["max_position_embeddings"]
     config = config_from_dict({
         "model": {"name_or_path": str(base_dir)},
-        "rope": {"type": "linear"},
+        "rope": {"type": "linear" if cfg["seq_len"] > base_context else "none"},
         "attention": {"train": cfg["attention"], "backend": "sdpa"},
         "lora": {"enabled": cfg["lora"]},
         "zero": {"stage": cfg["stage"]},
@@ -187,7 +188,7 @@ def worker(cfg: dict, base_dir: Path, tiny_dir: Path, threads: int) -> None:
 
     m = MODELS[cfg["model"]]
     block = activation_block_bytes(1, cfg["seq_len"], 1, max(m["intermediate_size"], m["hidden_size"]),
-                                   4 if cfg["dtype"] == "fp32" else 2)
+                                   4 if cfg["dtype"] == "fp32" else 2, m["num_hidden_layers"])
     allocator = configure_cpu_allocator(os.environ, block)  # what launch/_entry.py applies to this run
     torch.set_num_threads(threads)
     init_distributed(120)

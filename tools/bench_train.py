@@ -5,6 +5,9 @@
                                                      # at several lengths; ZeRO-2 vs ZeRO-3 vs ZeRO-3 offload
     python tools/bench_train.py --part loss-memory   # one training step's peak memory vs N, with and
                                                      # without the chunked cross-entropy
+    python tools/bench_train.py --part overhead      # megalong's step against a minimal hand-written
+                                                     # DeepSpeed + transformers + peft loop (same DS JSON,
+                                                     # model, LoRA, row shape), per CPU allocator policy
 Both print a Markdown table and write JSON next to --out.
 """
 
@@ -69,6 +72,68 @@ def engine_runs(assets: dict, lengths: list[int], steps: int, ranks: int, work: 
         rows.append(dict(_engine_run(assets, mid, "s2", zero, steps, ranks, work / f"r{k}"), pair=None))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def overhead_runs(assets: dict, n: int, micro: int, steps: int, ranks: int, work: Path, pairs: int) -> list[dict]:
+    """Per pair, back to back: megalong (allocator auto), the plain loop on that run's config, megalong with
+    the fixed mmap threshold forced. Full attention in both (the plain loop has no S²-Attn), LoRA+ r 8."""
+    from tests.assets import clean_shm, free_port, run_ranks, tiny_run_config
+
+    rows = []
+    for p in range(pairs):
+        for policy in ("auto", "plain", "fixed"):
+            run = work / f"p{p}_{'auto' if policy == 'plain' else policy}"
+            if policy == "plain":
+                out = work / f"p{p}_plain.json"
+                env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+                           PYTHONPATH=str(REPO))
+                env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "MEGALONG_CPU_MALLOC"}
+                res = subprocess.run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                                      "tools/bench_plain_loop.py", "--run", str(run), "--steps", str(steps),
+                                      "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                                     timeout=1800)
+                clean_shm()
+                if res.returncode != 0:
+                    raise SystemExit(f"plain loop failed:\n{(res.stdout + res.stderr)[-3000:]}")
+                times = json.loads(out.read_text())["step_s"][2:]
+                rows.append({"pair": p, "policy": "plain loop (glibc default)", "step_s": statistics.median(times)})
+            else:
+                cfg = tiny_run_config(
+                    assets, run, model={"tokenizer": assets["tokenizer"],
+                                        "init_config": dict(MODEL, vocab_size=assets["vocab_size"])},
+                    attention={"train": "full"}, data={"max_seq_len": n},
+                    lora={"enabled": True, "r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                          "trainable": ["embed", "norm"]},
+                    train={"max_steps": steps, "micro_batch_size": micro, "lr": 1e-3, "eval_interval": 0},
+                    checkpoint={"save_interval": 0, "save_at_end": False})
+                saved = os.environ.get("MEGALONG_CPU_MALLOC")
+                os.environ["MEGALONG_CPU_MALLOC"] = policy
+                try:
+                    run_ranks(cfg, ranks, run.with_name(run.name + "_logs"), timeout=1800)
+                finally:
+                    os.environ.pop("MEGALONG_CPU_MALLOC") if saved is None else os.environ.update(
+                        MEGALONG_CPU_MALLOC=saved)
+                clean_shm()
+                recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                rows.append({"pair": p, "policy": f"megalong ({policy})",
+                             "step_s": statistics.median(r["step_time_s"] for r in recs[2:]),
+                             "peak_gb_per_rank": recs[-1]["mem_gb_ranks"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def overhead_table(rows: list[dict], n: int, micro: int, ranks: int) -> str:
+    plain = {r["pair"]: r["step_s"] for r in rows if r["policy"].startswith("plain")}
+    out = [f"| {ranks} ranks, micro {micro} × {n} tokens | s/step (median of steps 3+, per pair) | × plain loop "
+           "(per pair) | peak RSS per rank (GB, last pair) |", "|---|---|---|---|"]
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        group = [r for r in rows if r["policy"] == policy]
+        ratios = [r["step_s"] / plain[r["pair"]] for r in group]
+        mem = ", ".join(f"{m:.2f}" for m in group[-1].get("peak_gb_per_rank", []))
+        steps = ", ".join(f"{r['step_s']:.3f}" for r in group)
+        out.append(f"| {policy} | {steps} | "
+                   f"{statistics.median(ratios):.2f}× ({', '.join(f'{x:.2f}' for x in ratios)}) | {mem or '—'} |")
+    return "\n".join(out)
 
 
 def engine_table(rows: list[dict], ranks: int) -> str:
@@ -149,7 +214,8 @@ def loss_table(rows: list[dict], vocab: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["engine", "loss-memory"], required=True)
+    p.add_argument("--part", choices=["engine", "loss-memory", "overhead"], required=True)
+    p.add_argument("--micro", type=int, default=2, help="overhead: rows per micro-batch (the quickstart's 2)")
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
@@ -159,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.part == "engine":
+    if args.part == "overhead":
+        from tests.assets import build_assets
+
+        n = (args.lengths or [1024])[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            assets = build_assets(Path(tmp) / "assets", max_mb=2.0, vocab_size=4096)
+            rows = overhead_runs(assets, n, args.micro, args.steps, args.ranks, Path(tmp) / "runs", args.pairs)
+        table = overhead_table(rows, n, args.micro, args.ranks)
+    elif args.part == "engine":
         from tests.assets import build_assets
 
         with tempfile.TemporaryDirectory() as tmp:

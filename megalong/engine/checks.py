@@ -134,7 +134,7 @@ def check_flash_dtype(cfg: Config) -> list[Finding]:
                                           "attention.backend=sdpa to train in fp32")]
 
 
-BF16_EMULATED_SLOWDOWN = None
+BF16_EMULATED_SLOWDOWN = 11.7
 """bf16 step time / fp32 step time measured on a CPU without bf16 units (docs/BENCHMARKS.md, "CPU
 training: fp32 vs bf16"; tools/bench_memory.py --dtypes fp32 bf16)."""
 

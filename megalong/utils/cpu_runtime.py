@@ -30,22 +30,23 @@ fixing it also fixes the trim threshold at its 128 KiB default)."""
 ALLOCATOR_ENV = "MEGALONG_CPU_MALLOC"
 """``auto`` (default: chosen from the run's activation size), ``fixed`` or ``glibc`` (leave glibc's
 dynamic policy alone)."""
-AUTO_BLOCK_BYTES = 8 * 2**20
-"""``auto``: fix the threshold when a micro-batch's largest activation block per rank (tokens × the
-widest layer output, the MLP's intermediate, × bytes) reaches this; below it glibc's default policy.
+AUTO_BLOCK_BYTES = 64 * 2**20
+"""``auto``: fix the threshold when a micro-batch's activations per rank — tokens × the widest layer
+output (the MLP's intermediate) × bytes × layers — reach this; below it glibc's default policy.
 Measured (docs/BENCHMARKS.md, "CPU allocator"): the fixed threshold costs up to 1.6× on the
-quickstart's steps (4 MiB blocks) and nothing on a 135M model at N = 4096 (24 MiB blocks), where
-glibc's default holds 3.5× the live tensors."""
+quickstart's steps (4 layers × 4 MiB = 16 MiB), while glibc's default held 1.8× the plan for a
+24-layer 135M model already at N = 1024 (24 × 6 MiB = 144 MiB) and 3.5× at N = 4096."""
 
 
-def activation_block_bytes(micro_batch: int, seq_len: int, sp: int, width: int, dtype_bytes: int) -> int:
-    """Bytes of one (micro-batch, this rank's tokens, ``width``) activation tensor."""
-    return micro_batch * -(-seq_len // max(1, sp)) * width * dtype_bytes
+def activation_block_bytes(micro_batch: int, seq_len: int, sp: int, width: int, dtype_bytes: int,
+                           layers: int = 1) -> int:
+    """Bytes of ``layers`` (micro-batch, this rank's tokens, ``width``) activation tensors."""
+    return micro_batch * -(-seq_len // max(1, sp)) * width * dtype_bytes * layers
+
+
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of CPUs with bf16 matrix instructions (Cooper Lake / Sapphire Rapids and later,
 Zen 4+); without them PyTorch's bf16 matmuls convert to fp32 and back (emulated)."""
@@ -88,8 +89,8 @@ def configure_cpu_allocator(env: Mapping[str, str], block_bytes: int | None = No
     if user:
         return f"allocator: glibc tuned by {', '.join(f'{k}={env[k]}' for k in user)} (left as set)"
     if choice == "auto" and block_bytes is not None and block_bytes < AUTO_BLOCK_BYTES:
-        return (f"allocator: glibc's default policy (auto: activation blocks of {block_bytes / 2**20:.1f} MiB "
-                f"per rank are below {AUTO_BLOCK_BYTES // 2**20} MiB, where it is faster and holds little; "
+        return (f"allocator: glibc's default policy (auto: activations of {block_bytes / 2**20:.1f} MiB per rank "
+                f"and micro-batch are below {AUTO_BLOCK_BYTES // 2**20} MiB, where it is faster and holds little; "
                 f"{ALLOCATOR_ENV}=fixed to fix the threshold anyway)")
     libc_name = ctypes.util.find_library("c")
     try:
@@ -100,7 +101,7 @@ def configure_cpu_allocator(env: Mapping[str, str], block_bytes: int | None = No
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return "allocator: mallopt refused, glibc's default policy"
-    why = (f"auto: activation blocks of {block_bytes / 2**20:.0f} MiB per rank; " if choice == "auto" and block_bytes
+    why = (f"auto: activations of {block_bytes / 2**20:.0f} MiB per rank and micro-batch; " if choice == "auto" and block_bytes
            else "")
     return (f"allocator: glibc with a fixed mmap threshold of {MMAP_THRESHOLD // 1024} KiB ({why}freed activations "
             f"go back to the kernel; {ALLOCATOR_ENV}=glibc turns this off)")

@@ -66,7 +66,7 @@ def test_plain_python_trains_chat_sft_and_saves(assets, tmp_path):
     assert res.returncode == 0, out[-4000:]
     assert "running as a single process" in out and "RANK=0 WORLD_SIZE=1" in out
     if not torch.cuda.is_available():  # CPU ranks get the launch path's allocator policy: a tiny model's is glibc's
-        assert "allocator: glibc's default policy (auto: activation blocks of" in out, out[-4000:]
+        assert "allocator: glibc's default policy (auto: activations of" in out, out[-4000:]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] > 0 for r in recs)
     assert [r["attention"] for r in recs] == ["s2", "full"]  # attention.full_last_steps=1 switched the last step

@@ -19,16 +19,16 @@ def test_allocator_policy_explicit_setting_wins(env, expect):
 
 
 def test_allocator_auto_follows_the_activation_size():
-    """auto (default): glibc's policy below AUTO_BLOCK_BYTES (the quickstart's 4 MiB blocks), the fixed
-    threshold at or above it (a 135M model at N = 4096: 24 MiB) and when the size is unknown; fixed forces it."""
+    """auto (default): glibc's policy below AUTO_BLOCK_BYTES (the quickstart: 4 layers x 4 MiB), the fixed
+    threshold at or above it (a 24-layer 135M model at N = 1024: 144 MiB) and when the size is unknown."""
     from megalong.utils.cpu_runtime import AUTO_BLOCK_BYTES, activation_block_bytes
 
-    quickstart = activation_block_bytes(8, 256, 1, 512, 4)  # micro 8 x 256 tokens, intermediate 512, fp32
-    smol = activation_block_bytes(1, 4096, 1, 1536, 4)
-    assert quickstart == 4 * 2**20 < AUTO_BLOCK_BYTES <= smol == 24 * 2**20
+    quickstart = activation_block_bytes(8, 256, 1, 512, 4, layers=4)  # micro 8 x 256, intermediate 512, fp32
+    smol = activation_block_bytes(1, 1024, 1, 1536, 4, layers=24)
+    assert quickstart == 16 * 2**20 < AUTO_BLOCK_BYTES <= smol == 144 * 2**20
     assert activation_block_bytes(1, 16384, 2, 1536, 4) == 48 * 2**20  # sp splits the row
-    assert "glibc's default policy (auto: activation blocks of 4.0 MiB" in configure_cpu_allocator({}, quickstart)
-    assert "fixed mmap threshold of 128 KiB (auto: activation blocks of 24 MiB" in configure_cpu_allocator({}, smol)
+    assert "glibc's default policy (auto: activations of 16.0 MiB" in configure_cpu_allocator({}, quickstart)
+    assert "fixed mmap threshold of 128 KiB (auto: activations of 144 MiB" in configure_cpu_allocator({}, smol)
     assert "fixed mmap threshold" in configure_cpu_allocator({}, None)
     assert "fixed mmap threshold" in configure_cpu_allocator({"MEGALONG_CPU_MALLOC": "fixed"}, quickstart)
 
