@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         check_data_fits_model(args.data, model.config.vocab_size)
         ds = IndexedDataset(args.data)
         n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
+        scored: dict = {}  # windows both protocols share are run once
         for protocol in args.protocol:
             t0 = time.perf_counter()
             res = evaluate_perplexity(
                 model, (ds[i] for i in range(n)), args.seq_len, protocol, stride=args.stride,
                 batch_size=args.batch_size, max_windows=args.max_windows, min_doc_len=min_doc_len,
                 loss_chunk_size=args.loss_chunk_size, device=device, progress=not args.no_progress and rank == 0,
-                parallel=parallel)
+                parallel=parallel, scored=scored)
             results.append((res, time.perf_counter() - t0, gather_peak_memory_gb()))
     except (ConfigError, DataFileError, ValueError) as e:
         if rank == 0:

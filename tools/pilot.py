@@ -218,12 +218,13 @@ def evaluate_model(spec, model_dir: Path, ppl_lengths, *, cache: Path | None = N
     docs = [ds[i] for i in range(len(ds))]
 
     def ppl(n: int) -> dict:
-        row = {}
+        row, scored = {}, {}  # the first window, which both protocols share, is run once
         for protocol in protocols:
             start = time.time()
             res = evaluate_perplexity(model, iter(docs), n, protocol, stride=spec.eval_stride or n // 2,
                                       max_windows=spec.eval_max_windows,
-                                      min_doc_len=n + 1 if spec.require_full_context else 0, device=device)
+                                      min_doc_len=n + 1 if spec.require_full_context else 0, device=device,
+                                      scored=scored)
             row[protocol], row[f"{protocol}_tokens"] = round(res.ppl, 4), res.tokens
             row[f"{protocol}_seconds"] = round(time.time() - start, 1)
         return row

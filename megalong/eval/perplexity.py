@@ -30,6 +30,7 @@ the gathered per-token losses are those of one process, so the protocols above a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -119,21 +120,38 @@ def token_losses(model, x: torch.Tensor, loss_chunk_size: int = 1024, parallel=N
 
 
 def window_losses(model, windows: list[np.ndarray], device: torch.device, batch_size: int = 1,
-                  loss_chunk_size: int = 1024, parallel=None) -> Iterator[tuple[float, int]]:
-    """(sum of token losses, token count) per window, batching windows of equal length."""
+                  loss_chunk_size: int = 1024, parallel=None,
+                  scored: dict | None = None) -> Iterator[tuple[float, int]]:
+    """(sum of token losses, token count) per window, batching windows of equal length.
+
+    ``scored``: {window key: (sum, count)} of windows this model already scored (``window_key``); a window
+    found there is not run again, and every window run is added to it."""
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
+        results: dict[int, tuple[float, int]] = {}
+        keys = [window_key(w) for w in group] if scored is not None else [None] * len(group)
         by_len: dict[int, list[int]] = {}
         for j, w in enumerate(group):
-            by_len.setdefault(len(w), []).append(j)
-        results: dict[int, tuple[float, int]] = {}
+            if keys[j] is not None and keys[j] in scored:
+                results[j] = scored[keys[j]]
+            else:
+                by_len.setdefault(len(w), []).append(j)
         for _, idxs in by_len.items():
             x = torch.as_tensor(np.stack([group[j] for j in idxs]).astype(np.int64), device=device)
             loss = token_losses(model, x, loss_chunk_size, parallel)  # (b, n)
             for k, j in enumerate(idxs):
                 results[j] = (float(loss[k].sum()), int(loss.shape[1]))
+                if scored is not None:
+                    scored[keys[j]] = results[j]
         for j in range(len(group)):
             yield results[j]
+
+
+def window_key(window: np.ndarray) -> tuple[int, bytes]:
+    """A window's identity for ``scored``: its length and a digest of its tokens (equal tokens, equal
+    losses for one model)."""
+    w = np.ascontiguousarray(window, dtype=np.int64)
+    return len(w), hashlib.blake2b(w.tobytes(), digest_size=16).digest()
 
 
 def evaluate_perplexity(
@@ -150,6 +168,7 @@ def evaluate_perplexity(
     device: torch.device | str = "cpu",
     progress: bool = False,
     parallel=None,
+    scored: dict | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` (an HF causal LM in eval mode, or its peft wrapper) over token documents.
 
@@ -157,7 +176,9 @@ def evaluate_perplexity(
     documents that fill a window). ``loss_chunk_size``: tokens per lm_head chunk (0: full logits).
     ``progress``: report windows scored (a bar on a terminal, else a line at least every 20 s).
     ``parallel``: a ``megalong.eval.sp.SequenceParallelEval`` to split every window over its ranks
-    (all of them call this with the same documents; each gets the same result)."""
+    (all of them call this with the same documents; each gets the same result). ``scored``: a dict
+    kept across calls for one model and its settings (chunking, ``parallel``): windows already scored
+    there are reused, e.g. the first window, which both protocols share, is run once."""
     from megalong.utils.progress import Progress
 
     if protocol not in ("longlora", "standard"):
@@ -195,7 +216,8 @@ def evaluate_perplexity(
     long_tokens = sum(long_context_count(len(w) - 1, seq_len) for w in windows)
     bar = Progress(len(windows), f"ppl@{seq_len}", every=max(1, len(windows) // 10), enabled=progress,
                    unit="window")
-    for s, c in window_losses(model, windows, device, batch_size, loss_chunk_size, parallel):
+    for s, c in window_losses(model, windows, device, batch_size, loss_chunk_size, parallel,
+                                 scored):
         total += s
         count += c
         window_means.append(s / c)

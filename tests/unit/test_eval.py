@@ -83,6 +83,46 @@ def test_both_protocols_match_hand_computation(batch_size, chunk):
     assert res.loss != pytest.approx(window_mean)  # the protocols weigh windows differently
 
 
+class RandomLM(torch.nn.Module):
+    """Logits from a fixed random embedding of (token, position) that also depend on the previous token:
+    every window gets its own losses. Counts the windows it ran."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.tok, self.pos = torch.randn(V, V, generator=g), torch.randn(64, V, generator=g)
+        self.rows = 0
+
+    def forward(self, input_ids, use_cache=False):
+        self.rows += input_ids.shape[0]
+        prev = torch.roll(input_ids, 1, dims=1)
+        return SimpleNamespace(logits=self.tok[input_ids] + 0.5 * self.tok[prev] + self.pos[:input_ids.shape[1]])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_windows_shared_by_the_protocols_are_scored_once_with_the_same_result(batch_size):
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, V, L) for L in (30, 17, 9, 40)]
+    N = 8
+    for min_doc_len, max_windows in ((0, None), (N + 1, 1), (N + 1, 3)):
+        fresh, shared, scored = RandomLM(), RandomLM(), {}
+        for protocol in ("longlora", "standard"):
+            kw = dict(stride=4, batch_size=batch_size, max_windows=max_windows, min_doc_len=min_doc_len,
+                      loss_chunk_size=0)
+            ref = evaluate_perplexity(fresh, iter(docs), N, protocol, **kw)
+            got = evaluate_perplexity(shared, iter(docs), N, protocol, scored=scored, **kw)
+            assert got == ref
+        # the standard protocol's windows that start at a multiple of the stride and are full are the
+        # longlora protocol's too: run once
+        ll = {(i, s) for i, d in enumerate(docs) if len(d) >= min_doc_len for s, _ in longlora_windows(len(d), N, 4)}
+        st = {(i, s) for i, d in enumerate(docs) if len(d) >= min_doc_len for s, e in standard_windows(len(d), N)
+              if e - s == N + 1}
+        if max_windows is None:
+            assert shared.rows == fresh.rows - len(ll & st) and len(ll & st) > 0
+        else:  # the first document only: longlora starts 0, 4, 8 / standard 0, 8, 16 -> shared 0 (and 8)
+            assert shared.rows == fresh.rows - {1: 1, 3: 2}[max_windows]
+
+
 def test_no_long_enough_document_is_an_error():
     with pytest.raises(ValueError, match="no document"):
         evaluate_perplexity(PositionModel(), [np.arange(3)], 8, "longlora")
