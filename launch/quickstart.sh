@@ -68,10 +68,11 @@ fi
 
 say "6. evaluation at 1024 tokens (full attention)"
 EVAL=$QS_DIR/eval; mkdir -p "$EVAL"
-for m in base_hf base_pi_hf extended_hf; do
+for m in base_hf base_pi_hf extended_hf; do  # one process per model: both protocols, shared windows scored once
+  $PY tools/eval_ppl.py --model "$QS_DIR/$m" --data "$DATA/valid" --seq-len 1024 --protocol longlora standard \
+    --max-windows "$QS_EVAL_WINDOWS" > "$EVAL/ppl_${m}.jsonl"
   for proto in longlora standard; do
-    $PY tools/eval_ppl.py --model "$QS_DIR/$m" --data "$DATA/valid" --seq-len 1024 --protocol $proto \
-      --max-windows "$QS_EVAL_WINDOWS" > "$EVAL/ppl_${m}_${proto}.json"
+    grep "\"protocol\": \"$proto\"" "$EVAL/ppl_${m}.jsonl" > "$EVAL/ppl_${m}_${proto}.json"
   done
 done
 $PY tools/eval_ppl.py --model "$QS_DIR/base_hf" --data "$DATA/valid" --seq-len 256 --protocol standard \
