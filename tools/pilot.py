@@ -428,6 +428,36 @@ def evaluate_floor(spec, base_hf: Path, out: Path, rope_type: str, factor: int) 
     return ("x" if rope_type == "linear" else f"{rope_type}_x") + str(factor), {"rope": rope_type, **record}
 
 
+# Fields a rerun may change: they only add runs (by name), or change no stored number.
+_SPEC_GROWS = ("seeds", "factors", "variants", "floors")
+_SPEC_FREE = ("eval_threads",)
+
+
+def check_spec(spec, out: Path) -> None:
+    """A rerun continues the study stored in ``out`` only with the settings it was started with: stored
+    stages are reused by name, so e.g. more steps or windows would silently keep the old numbers.
+    Adding seeds, factors, variants or floors is allowed (new runs); anything else is refused."""
+    path = out / "spec.json"
+    now = json.loads(json.dumps(spec.__dict__))
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in sorted(set(before) | set(now))
+                   if k not in _SPEC_GROWS + _SPEC_FREE and before.get(k) != now.get(k)]
+        removed = [f"{k}: {x!r}" for k in _SPEC_GROWS for x in before.get(k) or [] if x not in (now.get(k) or [])]
+        if changed:
+            what = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise SystemExit(f"error: {out} holds a study started with other settings ({what}); its finished stages "
+                             f"would be reused as if they had been run with the new ones. Continue with the old "
+                             f"settings, or start over in another directory (--out) or after removing {out}/results "
+                             f"and {out}/runs")
+        if removed:
+            log(f"note: {', '.join(removed)} no longer in the study; their stored results stay in {out}/results")
+        for k in _SPEC_GROWS:  # remember every run ever planned here
+            now[k] = list(dict.fromkeys([*(before.get(k) or []), *(now.get(k) or [])]))
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def machine() -> dict:
     import torch
 
@@ -448,6 +478,7 @@ def cmd_run(args) -> int:
     default = DEFAULT_RESULTS.get(args.scale) if not (args.study or args.out) else None
     results_path = Path(args.results or default or out / "results.json")
     out.mkdir(parents=True, exist_ok=True)
+    check_spec(spec, out)
     started = time.time()
     prior = out / "study_wall_s.json"  # wall time of earlier, interrupted invocations
     earlier = json.loads(prior.read_text())["wall_s"] if prior.is_file() else 0.0

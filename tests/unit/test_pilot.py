@@ -270,3 +270,19 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path):
     lines = [x for x in res.stdout.splitlines() if "tokens):" in x]
     assert len(lines) == 4 and all(": ok (planned peak" in x for x in lines), res.stdout
     assert "--attention.full_last_steps=25" in res.stdout and "--rope.type=yarn" in res.stdout
+
+
+def test_a_study_continues_only_with_its_own_settings(tmp_path):
+    import pilot
+
+    spec, out = _spec("real_cpu.yaml"), tmp_path / "study"
+    pilot.check_spec(spec, out)
+    pilot.check_spec(spec, out)  # a plain rerun continues
+    pilot.check_spec(_spec("real_cpu.yaml", variants=[*spec.variants, "s2_then_full"], floors=["linear"]), out)
+    assert "s2_then_full" in (out / "spec.json").read_text()  # runs added; a dropped floor's results stay
+    for change, field in (({"extend_steps": spec.extend_steps + 1}, "extend_steps"),
+                          ({"eval_max_windows": 2}, "eval_max_windows"),
+                          ({"suite": {**spec.suite, "samples": 3}}, "suite")):
+        with pytest.raises(SystemExit, match=rf"other settings \({field}: .*--out"):
+            pilot.check_spec(_spec("real_cpu.yaml", **change), out)
+    pilot.check_spec(_spec("real_cpu.yaml", eval_threads=1), out)  # changes no number
