@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=256, help="longlora: window start every STRIDE tokens")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first K documents")
     p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    p.add_argument("--max-windows-per-doc", type=int, default=None,
+                   help="only each document's first K windows (spreads --max-windows over more documents)")
     p.add_argument("--min-doc-len", type=int, default=0,
                    help="score only documents of at least this many tokens (default: all)")
     p.add_argument("--require-full-context", action="store_true",
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = evaluate_perplexity(
                 model, (ds[i] for i in range(n)), args.seq_len, protocol, stride=args.stride,
-                batch_size=args.batch_size, max_windows=args.max_windows, min_doc_len=min_doc_len,
+                batch_size=args.batch_size, max_windows=args.max_windows,
+                max_windows_per_doc=args.max_windows_per_doc, min_doc_len=min_doc_len,
                 loss_chunk_size=args.loss_chunk_size, device=device, progress=not args.no_progress and rank == 0,
                 parallel=parallel, scored=scored)
             results.append((res, time.perf_counter() - t0, gather_peak_memory_gb()))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -223,9 +224,11 @@ def evaluate_model(spec, model_dir: Path, ppl_lengths, *, cache: Path | None = N
             start = time.time()
             res = evaluate_perplexity(model, iter(docs), n, protocol, stride=spec.eval_stride or n // 2,
                                       max_windows=spec.eval_max_windows,
+                                      max_windows_per_doc=spec.eval_windows_per_doc,
                                       min_doc_len=n + 1 if spec.require_full_context else 0, device=device,
                                       scored=scored)
             row[protocol], row[f"{protocol}_tokens"] = round(res.ppl, 4), res.tokens
+            row[f"{protocol}_window_ppl"] = [round(math.exp(x), 4) for x in res.window_loss]
             row[f"{protocol}_seconds"] = round(time.time() - start, 1)
         return row
 
@@ -581,7 +584,8 @@ def cmd_context(args) -> int:
             else:
                 use_s2_attention(model, group, shift=False)
             res = evaluate_perplexity(model, iter(docs), n, "longlora", stride=spec.eval_stride or n // 2,
-                                      max_windows=spec.eval_max_windows, min_doc_len=n + 1, device=device)
+                                      max_windows=spec.eval_max_windows,
+                                      max_windows_per_doc=spec.eval_windows_per_doc, min_doc_len=n + 1, device=device)
             row["full" if group is None else f"groups_{group}"] = round(res.ppl, 3)
         shutil.rmtree(hf)
         table[name] = row

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -61,9 +61,13 @@ class PerplexityResult:
     """Documents shorter than this were not scored (0: no limit beyond the protocol's)."""
     loss_chunk_size: int = 0
     """Tokens per lm_head chunk (0: full logits)."""
+    window_loss: list[float] = field(default_factory=list, repr=False)
+    """Mean token loss of each scored window, in order (their spread); left out of ``to_dict``."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("window_loss")
+        return out
 
 
 def longlora_windows(doc_len: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -163,6 +167,7 @@ def evaluate_perplexity(
     stride: int = 256,
     batch_size: int = 1,
     max_windows: int | None = None,
+    max_windows_per_doc: int | None = None,
     min_doc_len: int = 0,
     loss_chunk_size: int = 1024,
     device: torch.device | str = "cpu",
@@ -173,7 +178,8 @@ def evaluate_perplexity(
     """Perplexity of ``model`` (an HF causal LM in eval mode, or its peft wrapper) over token documents.
 
     ``min_doc_len``: score only documents of at least this many tokens (``seq_len + 1``: only
-    documents that fill a window). ``loss_chunk_size``: tokens per lm_head chunk (0: full logits).
+    documents that fill a window). ``max_windows_per_doc``: only each document's first windows, so that
+    ``max_windows`` spreads over more documents. ``loss_chunk_size``: tokens per lm_head chunk (0: full logits).
     ``progress``: report windows scored (a bar on a terminal, else a line at least every 20 s).
     ``parallel``: a ``megalong.eval.sp.SequenceParallelEval`` to split every window over its ranks
     (all of them call this with the same documents; each gets the same result). ``scored``: a dict
@@ -200,7 +206,7 @@ def evaluate_perplexity(
             continue
         docs += 1
         short += len(doc) < seq_len + 1
-        windows.extend(np.asarray(doc[s:e]) for s, e in spans)
+        windows.extend(np.asarray(doc[s:e]) for s, e in spans[:max_windows_per_doc])
         if max_windows is not None and len(windows) >= max_windows:
             windows = windows[:max_windows]
             break
@@ -227,4 +233,4 @@ def evaluate_perplexity(
     return PerplexityResult(protocol, seq_len, math.exp(loss), loss, int(count), len(windows), docs,
                             long_context_tokens=long_tokens, long_context_fraction=long_tokens / count,
                             short_documents=short, skipped_documents=skipped, min_doc_len=min_doc_len,
-                            loss_chunk_size=loss_chunk_size)
+                            loss_chunk_size=loss_chunk_size, window_loss=window_means)

@@ -111,6 +111,8 @@ class StudySpec:
     """Build the default corpus with these options (tools/build_default_corpus.py), or None."""
     eval_max_windows: int | None = None
     """Windows per (model, length, protocol); None: all."""
+    eval_windows_per_doc: int | None = None
+    """At most this many windows from each document (None: all), so few windows still span several documents."""
     eval_stride: int | None = None
     """longlora protocol stride; None: half the length."""
     eval_shorter: bool = True

@@ -123,6 +123,21 @@ def test_windows_shared_by_the_protocols_are_scored_once_with_the_same_result(ba
             assert shared.rows == fresh.rows - {1: 1, 3: 2}[max_windows]
 
 
+def test_windows_per_document_spread_the_windows_and_each_window_is_reported():
+    rng = np.random.default_rng(6)
+    docs = [rng.integers(0, V, L) for L in (40, 9, 30, 20)]
+    N = 8
+    every = evaluate_perplexity(RandomLM(), iter(docs), N, "longlora", stride=4, loss_chunk_size=0)
+    spread = evaluate_perplexity(RandomLM(), iter(docs), N, "longlora", stride=4, max_windows=3,
+                                 max_windows_per_doc=1, loss_chunk_size=0)
+    starts = [len(longlora_windows(len(d), N, 4)) for d in docs]  # windows per document: 8, 1, 6, 3
+    firsts = np.cumsum([0] + starts[:-1])[:3]  # each document's first window in the full list
+    assert spread.documents == 3 and spread.windows == 3 and len(spread.window_loss) == 3
+    assert spread.window_loss == [every.window_loss[i] for i in firsts]
+    assert spread.loss == pytest.approx(float(np.mean(spread.window_loss)))
+    assert "window_loss" not in spread.to_dict()
+
+
 def test_no_long_enough_document_is_an_error():
     with pytest.raises(ValueError, match="no document"):
         evaluate_perplexity(PositionModel(), [np.arange(3)], 8, "longlora")
