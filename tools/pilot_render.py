@@ -284,6 +284,14 @@ def real_block(results: dict, plots: list[str], key: str, results_path: str) -> 
             acc = (rec.get("passkey") or {}).get("accuracy_by_length", {})
             cells_ += ["—" if acc.get(str(n)) is None else f"{acc[str(n)]:.2f}" for n in spec["passkey"]["lengths"]]
         out.append("| " + " | ".join(cells_) + " |")
+    windows = [(label, {n: (rec.get("ppl", {}).get(n) or {}).get("longlora_window_ppl") for n in lengths})
+               for label, _, rec in rows]
+    if any(w for _, by in windows for w in by.values()):
+        out += ["", "Each window's perplexity (longlora protocol, in document order; the spread behind the means above):",
+                "", "| model | " + " | ".join(f"windows at {n}" for n in lengths) + " |",
+                "|---|" + "---|" * len(lengths)]
+        out += [f"| {label} | " + " | ".join(", ".join(f"{x:.2f}" for x in by[n]) if by[n] else "—" for n in lengths)
+                + " |" for label, by in windows]
     eff = [(label, (rec.get("suite") or {}).get("effective_length")) for label, _, rec in rows if rec.get("suite")]
     if eff and len(suite_lengths) > 1:
         out += ["", "Effective length (suite average ≥ 85.6 at it and every shorter length): "

@@ -192,6 +192,10 @@ def test_real_study_renderer(tmp_path):
     curve = [line for line in text.splitlines() if line.startswith(f"| {label} | ") and line.count("|") == 4]
     assert curve == [f"| {label} | 0 | 4.60 |", f"| {label} | 2 | 4.40 |", f"| {label} | 3 | 4.20 |"]
     assert "| lora_embed_norm_x2_s1 | 1.234 | 61 | 268 | 2.50 | 2.73 | 15.0 | 12.0 |" in text
+    assert "windows at 16384" not in text  # no per-window losses stored: no spread table
+    results["base"]["ppl"]["16384"]["longlora_window_ppl"] = [5.14, 21.31, 21.81]
+    text = pilot_render.real_block(results, [], "real", "docs/benchmarks/real/results.json")
+    assert "| base, no RoPE scaling | — | 5.14, 21.31, 21.81 |" in text
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\n## LongLoRA pilot study\n\n<!-- pilot:begin x -->\n<!-- pilot:end -->\n")
     for _ in range(2):  # replaced, not added; the pilot's block stays
