@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         check_data_fits_model(args.data, model.config.vocab_size)
         ds = IndexedDataset(args.data)
         n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
-        scored: dict = {}  # windows both protocols share are run once
+        scored = {} if len(args.protocol) > 1 else None  # windows both protocols share are run once
         for protocol in args.protocol:
             t0 = time.perf_counter()
             res = evaluate_perplexity(
